@@ -1,0 +1,356 @@
+"""The run configuration: one pydantic model per part, loaded from YAML with dotted overrides.
+
+Every default is the value in ``shared/method.md`` (the paper's where it states one, ours
+otherwise), so ``MastersConfig()`` is the method as published, scaled to the embedded default.
+Invalid input raises :class:`ConfigError` naming the field, the bad value and what is allowed,
+before anything (Ray included) starts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names each bad field and how to fix it."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos, not extensions: reject them so `lr: 1e-4` under the wrong
+    # section does not silently fall back to the default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Section):
+    name: str = Field(description="Short id used in model ids (`<name>@<ratio>`) and run paths.")
+    model: str = Field(description="`zoo:<role>` for the embedded family, or a Hugging Face model directory.")
+    iteration_weight: float = Field(
+        1.0, gt=0, description="Share of the training iterations this teacher gets, relative to the others."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_an_id(cls, name: str) -> str:
+        if not name or any(c in name for c in "@/ \t"):
+            raise ValueError("must be non-empty and contain no '@', '/' or whitespace (it becomes part of model ids)")
+        return name
+
+
+class ModelsConfig(_Section):
+    teachers: list[TeacherConfig] = Field(
+        default_factory=lambda: [
+            TeacherConfig(name="teacher-m", model="zoo:teacher-m"),
+            TeacherConfig(name="teacher-l", model="zoo:teacher-l"),
+        ],
+        description="The teacher chain in training order: mid-size first, then the large one (paper).",
+    )
+    student: str = Field("zoo:student", description="The initial student: `zoo:<role>` or a Hugging Face directory.")
+    zoo_dir: str = Field(
+        ".cache/zoo", description="Where `zoo:` models are built and cached (relative paths are from the CWD)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: `auto` is float32 on CPU and bfloat16 on GPU."
+    )
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_teachers(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        if not teachers:
+            raise ValueError("needs at least one teacher")
+        names = [t.name for t in teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}")
+        return teachers
+
+
+class MaskConfig(_Section):
+    max_mask_ratio: float = Field(
+        0.2, ge=0, lt=1, description="r_max: fraction of each tensor zeroed in the first stage (paper: 0.2)."
+    )
+    mask_step: float = Field(0.05, gt=0, le=1, description="s: how much the ratio drops per stage (paper: 0.05).")
+    scope: Literal["all_linear", "language_model", "vision_and_projector"] = Field(
+        "all_linear",
+        description="Which 2-D nn.Linear weights are masked; embeddings, LM head, norms and biases never are.",
+    )
+
+    @model_validator(mode="after")
+    def _step_divides_ratio(self) -> MaskConfig:
+        stages = self.max_mask_ratio / self.mask_step
+        if self.max_mask_ratio > 0 and abs(stages - round(stages)) > 1e-6:
+            raise ValueError(
+                f"mask.max_mask_ratio ({self.max_mask_ratio}) must be a whole multiple of "
+                f"mask.mask_step ({self.mask_step}) so the last stage is exactly 0"
+            )
+        return self
+
+    @property
+    def num_stages(self) -> int:
+        """M = r_max / s + 1; a single unmasked stage when r_max is 0 (the naive baseline)."""
+        return round(self.max_mask_ratio / self.mask_step) + 1
+
+    @property
+    def ratios(self) -> list[float]:
+        """Stage k uses r_max - k*s, rounded so ids like `teacher-l@0.15` are stable; the last is 0."""
+        return [round(self.max_mask_ratio - k * self.mask_step, 6) for k in range(self.num_stages)]
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(1.0, ge=0, description="0 means greedy.")
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0, description="0 disables top-k filtering.")
+    repetition_penalty: float = Field(1.05, gt=0)
+    max_new_tokens: int = Field(16, ge=1, description="Answers in the suite are short; real recipes raise this.")
+
+
+class GenerationConfig(_Section):
+    teacher_responses: int = Field(8, ge=1, description="Responses each masked teacher level samples per question (paper).")
+    student_responses: int = Field(8, ge=0, description="Responses the initial student pre-generates per question.")
+    group_teacher: int = Field(4, ge=0, description="Teacher responses in a training group (paper: 4 of G=8).")
+    group_student: int = Field(4, ge=0, description="Student responses in a training group (paper: 4 of G=8).")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    seed: int = Field(0, description="Base seed; each request's seed is derived from it and the question id.")
+    teacher_topk: int = Field(
+        64, ge=1, description="k of the stored teacher top-k log-probs per token (plus one tail bucket)."
+    )
+    refresh_student_per_stage: bool = Field(
+        False, description="Re-generate the student's responses each stage (ours, an extension; the paper does it once)."
+    )
+
+    @model_validator(mode="after")
+    def _group_fits(self) -> GenerationConfig:
+        if self.group_teacher + self.group_student < 1:
+            raise ValueError("generation.group_teacher + generation.group_student must be at least 1")
+        if self.group_teacher > self.teacher_responses:
+            raise ValueError(
+                f"generation.group_teacher ({self.group_teacher}) cannot exceed "
+                f"generation.teacher_responses ({self.teacher_responses})"
+            )
+        if self.group_student > self.student_responses:
+            raise ValueError(
+                f"generation.group_student ({self.group_student}) cannot exceed "
+                f"generation.student_responses ({self.student_responses})"
+            )
+        return self
+
+    @property
+    def group_size(self) -> int:
+        return self.group_teacher + self.group_student
+
+
+class JudgeConfig(_Section):
+    kind: Literal["rule", "llm"] = Field(
+        "rule", description="`rule`: VQA-normalised exact match (short exact answers); `llm`: an OpenAI-compatible judge."
+    )
+    endpoint: str | None = Field(
+        None, description="Base URL of the judge (…/v1). None with `llm` means our own unmasked teacher endpoint."
+    )
+    model: str | None = Field(None, description="Judge model id; None means the last teacher at ratio 0.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the judge's bearer token.")
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(3, ge=0, description="Retries with exponential backoff on timeouts and 5xx.")
+    on_failure: Literal["fail_stage", "drop_group"] = Field(
+        "fail_stage", description="What an unrecoverable judge failure does; failures are never scored 0."
+    )
+    numeric_tolerance: float = Field(1e-6, ge=0, description="Relative tolerance of the rule judge for numbers.")
+
+
+class RewardConfig(_Section):
+    use_accuracy: bool = Field(True, description="Add R_acc (paper).")
+    use_distill: bool = Field(True, description="Add R_distill (paper).")
+    normalize_distill: bool = Field(True, description="Reverse min-max inside the group (paper); off = raw -D.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    actors: int = Field(1, ge=1, description="Size of the reward actor pool.")
+    actor_num_cpus: float = Field(0.25, gt=0, description="CPUs per reward actor (fractional keeps room for Train).")
+    batch_size: int = Field(8, ge=1, description="Groups per reward-actor batch.")
+
+
+class LossConfig(_Section):
+    objective: Literal["naive", "mask_progressive", "full"] = Field(
+        "full",
+        description="naive: JSD on dataset answers from the unmasked teacher; mask_progressive: JSD on generated "
+        "responses under the mask schedule; full: + GRPO with rewards (Masters).",
+    )
+    grpo_weight: float = Field(1.0, ge=0, description="Weight of L_GRPO (paper: 1).")
+    jsd_weight: float = Field(1.0, ge=0, description="Weight of L_JSD (paper: 1).")
+    kl_beta: float = Field(0.1, ge=0, description="β of the k3 KL to the frozen initial student (paper: 0.1).")
+    advantage_eps: float = Field(1e-4, gt=0, description="ε in A = (R - mean) / (std + ε).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the JSD.")
+
+
+class TrainConfig(_Section):
+    strategy: Literal["ddp", "fsdp2", "deepspeed"] = Field("ddp", description="How Ray Train shards the student.")
+    zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage when strategy is deepspeed.")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = Field(False, description="GPU workers with NCCL and bf16; CPU workers use gloo and float32.")
+    cpus_per_worker: float = Field(0.5, gt=0)
+    lr: float = Field(1e-6, gt=0, description="AdamW constant learning rate (paper: 1e-6 at 2B-8B; tiny models need more).")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="Set explicitly: DeepSpeed would otherwise apply its own default.")
+    questions_per_batch: int = Field(4, ge=1, description="Questions (groups) per optimizer update across all workers.")
+    grad_accum_steps: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="Passes over each stage's chunk.")
+    iterations: int | None = Field(
+        None, ge=1, description="Total optimizer updates over the whole chain; None = one pass over the train split."
+    )
+    checkpoint_every_steps: int = Field(0, ge=0, description="0 = only at the end of each stage.")
+    seed: int = Field(0)
+
+
+class ServeConfig(_Section):
+    engine: Literal["transformers", "vllm"] = Field("transformers", description="vLLM needs a GPU and the `gpu` extra.")
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless you mean to expose the teachers.")
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = Field(None, description="Environment variable whose value clients must send as a bearer token.")
+    replicas: int = Field(1, ge=1, description="Replicas per model (ignored when autoscaling is set).")
+    min_replicas: int | None = Field(None, ge=0, description="Set both min and max to autoscale replicas.")
+    max_replicas: int | None = Field(None, ge=1)
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM only.")
+    max_batch_size: int = Field(16, ge=1, description="Requests batched into one generate call.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_queued_requests: int = Field(64, ge=1, description="Beyond this the service answers 503 instead of queueing.")
+    max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
+    max_tokens_limit: int = Field(256, ge=1, description="Largest `max_tokens` a request may ask for.")
+    max_image_bytes: int = Field(4_000_000, ge=1)
+    max_image_pixels: int = Field(4_000_000, ge=1, description="Decompression-bomb guard.")
+    allow_local_images: bool = Field(False, description="Accept image paths on the server's disk (trusted clients only).")
+
+    @model_validator(mode="after")
+    def _autoscaling_pair(self) -> ServeConfig:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("serve.min_replicas and serve.max_replicas must be set together to autoscale")
+        if self.min_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError("serve.max_replicas must be >= serve.min_replicas")
+        return self
+
+
+class DataConfig(_Section):
+    dataset: str = Field("suite", description="`suite` (the generated VQA suite) or a Parquet file/directory of the same schema.")
+    train_size: int = Field(512, ge=1, description="Questions drawn from the train split.")
+    val_size: int = Field(128, ge=1)
+    test_size: int = Field(256, ge=1)
+    seed: int = Field(0, description="Seed of the generated suite and of the stage shuffle.")
+    families: list[str] | None = Field(None, description="Restrict to these task families; None = all.")
+
+
+class LoggingConfig(_Section):
+    wandb_project: str | None = Field("masters", description="None disables wandb.")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="None: online when WANDB_API_KEY is set, offline otherwise."
+    )
+    log_every_steps: int = Field(1, ge=1)
+
+
+class MastersConfig(_Section):
+    name: str = Field("default", description="Run name: results land in `<storage_path>/<name>/`; rerun to resume.")
+    storage_path: str = Field("runs", description="Local directory or pyarrow filesystem URI (s3://…) shared by all nodes.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    rewards: RewardConfig = Field(default_factory=RewardConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_dir(cls, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError("must be a plain directory name (no '/', not starting with '.')")
+        return name
+
+    @model_validator(mode="after")
+    def _naive_is_unmasked(self) -> MastersConfig:
+        if self.loss.objective == "naive" and self.mask.max_mask_ratio != 0:
+            raise ValueError(
+                "loss.objective 'naive' trains on the unmasked teacher: set mask.max_mask_ratio=0 "
+                "(or choose loss.objective=mask_progressive|full)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(error: ValidationError, root: str = "") -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or root or "(config)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling or the section it belongs to"
+        elif item["type"] == "literal_error":
+            message = f"{message}"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or item["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {where}: {message}{shown}")
+    return "invalid config:\n" + "\n".join(lines) + "\nSee `--print-config` for the resolved config with every field."
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn `a.b.c=value` strings into a nested dict; values are parsed as YAML (`1e-4`, `true`, `[a, b]`)."""
+    nested: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {override!r} must look like `section.field=value`, e.g. `train.lr=1e-4`")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r} sets a field inside {part!r}, which is not a section")
+        node[leaf] = value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MastersConfig:
+    """The run config from an optional YAML file plus `section.field=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> MastersConfig:
+    try:
+        return MastersConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def isclose_ratio(a: float, b: float) -> bool:
+    """Mask ratios arrive as floats from URLs and YAML; compare them at the precision ids use."""
+    return math.isclose(a, b, abs_tol=1e-6)

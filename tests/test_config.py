@@ -1,0 +1,68 @@
+import pytest
+
+from masters.config import ConfigError, MastersConfig, dump_config, load_config
+
+
+def test_defaults_are_the_method_values():
+    config = MastersConfig()
+    assert config.mask.ratios == [0.2, 0.15, 0.1, 0.05, 0.0]
+    assert config.generation.teacher_responses == 8
+    assert config.generation.group_size == 8
+    assert config.loss.kl_beta == 0.1
+    assert (config.generation.sampling.temperature, config.generation.sampling.top_p) == (1.0, 0.9)
+    assert (config.generation.sampling.top_k, config.generation.sampling.repetition_penalty) == (50, 1.05)
+    assert [t.name for t in config.models.teachers] == ["teacher-m", "teacher-l"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.lr=-1"], "train.lr: Input should be greater than 0 (got -1)"),
+        (["trian.lr=1e-4"], "trian: unknown field"),
+        (["train.strategy=fsdp"], "train.strategy: Input should be 'ddp', 'fsdp2' or 'deepspeed' (got 'fsdp')"),
+        (["mask.max_mask_ratio=0.23"], "must be a whole multiple of mask.mask_step"),
+        (["mask.max_mask_ratio=1.5"], "mask.max_mask_ratio: Input should be less than 1"),
+        (["generation.group_teacher=9"], "group_teacher (9) cannot exceed generation.teacher_responses (8)"),
+        (["loss.objective=naive"], "set mask.max_mask_ratio=0"),
+        (["serve.min_replicas=1"], "must be set together"),
+        (["models.teachers=[]"], "needs at least one teacher"),
+        (["train.num_workers=two"], "train.num_workers: Input should be a valid integer"),
+        (["lr"], "must look like `section.field=value`"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_fix(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert expected in str(error.value)
+
+
+def test_duplicate_teacher_names_rejected():
+    with pytest.raises(ConfigError, match="teacher names must be unique"):
+        load_config(None, ["models.teachers=[{name: t, model: zoo:teacher-l}, {name: t, model: zoo:teacher-m}]"])
+
+
+def test_yaml_file_and_overrides_merge(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: ablation\ntrain:\n  lr: 0.001\n  strategy: fsdp2\n")
+    config = load_config(path, ["train.lr=2e-4", "mask.max_mask_ratio=0.4"])
+    assert config.name == "ablation"
+    assert config.train.strategy == "fsdp2"
+    assert config.train.lr == 2e-4
+    assert config.mask.ratios == [0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0]
+    # The dump is itself a valid config that resolves to the same thing.
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listed)
