@@ -23,3 +23,14 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory):
+    """A saved micro LLaVA model (random weights) with the family's tokenizer and processor."""
+    from masters.data import text_corpus
+    from masters.models import MICRO, build_model, build_processor, save_model, train_tokenizer
+
+    tokenizer = train_tokenizer(text_corpus(seed=0, size=500), vocab_size=384)
+    model = build_model(MICRO, tokenizer, seed=0)
+    return save_model(model, build_processor(tokenizer, MICRO), tmp_path_factory.mktemp("models") / "micro")
