@@ -167,6 +167,9 @@ class RewardConfig(_Section):
     actors: int = Field(1, ge=1, description="Size of the reward actor pool.")
     actor_num_cpus: float = Field(0.25, gt=0, description="CPUs per reward actor (fractional keeps room for Train).")
     batch_size: int = Field(8, ge=1, description="Groups per reward-actor batch.")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per reward actor, e.g. {reward_node: 1}."
+    )
 
 
 class LossConfig(_Section):
@@ -198,6 +201,9 @@ class TrainConfig(_Section):
         None, ge=1, description="Total optimizer updates over the whole chain; None = one pass over the train split."
     )
     checkpoint_every_steps: int = Field(0, ge=0, description="0 = only at the end of each stage.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per training worker, e.g. {trainer_node: 1}."
+    )
     seed: int = Field(0)
 
 
@@ -220,6 +226,9 @@ class ServeConfig(_Section):
     max_image_bytes: int = Field(4_000_000, ge=1)
     max_image_pixels: int = Field(4_000_000, ge=1, description="Decompression-bomb guard.")
     allow_local_images: bool = Field(False, description="Accept image paths on the server's disk (trusted clients only).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica, e.g. {teacher_node: 1} to pin teachers to GPU nodes."
+    )
 
     @model_validator(mode="after")
     def _autoscaling_pair(self) -> ServeConfig:
