@@ -53,6 +53,9 @@ class ModelsConfig(_Section):
     zoo_dir: str = Field(
         ".cache/zoo", description="Where `zoo:` models are built and cached (relative paths are from the CWD)."
     )
+    zoo_config: str | None = Field(
+        None, description="YAML file of the zoo to build/use for `zoo:` refs (jobs/build_zoo.py); None = the built-in default."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype: `auto` is float32 on CPU and bfloat16 on GPU."
     )

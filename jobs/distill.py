@@ -1,0 +1,341 @@
+"""Distil a VLM with Masters: masked teachers, restored stage by stage, and an offline-RL student.
+
+With no arguments this runs the whole method on the embedded default: it builds the tiny model zoo
+if missing, serves the mid and large teachers at every mask level, pre-generates the student's
+responses, then for each teacher and stage generates and scores the stage's groups, trains the
+student, evaluates it and records the curriculum position; at the end it saves the student in
+Hugging Face format, writes report.md with plots and prints the accuracy table.
+
+    python jobs/distill.py                                  # the embedded default
+    python jobs/distill.py --config configs/X.yaml --set train.lr=1e-5
+    python jobs/distill.py --dry-run                        # the plan and the resources, nothing started
+    ray job submit --working-dir . -- python jobs/distill.py --config configs/X.yaml
+
+Re-running with the same run name resumes: finished stages are never redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from transformers import AutoProcessor
+
+from masters.config import ConfigError, MastersConfig, dump_config, load_config
+from masters.curriculum import CurriculumState, Stage, format_plan, plan_curriculum
+from masters.io import atomic_directory, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger("masters.distill")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="distill.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Every config field is documented in masters/config.py; `--print-config` shows them all resolved.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML run config (default: the embedded default)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set train.lr=1e-4 (repeatable; values are YAML)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the curriculum plan and resources, start nothing")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--address", default=None, help="Ray address (default: the cluster under `ray job submit`, else a local one)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # 1. Validate everything that can be validated before any Ray resource starts.
+    try:
+        config = load_config(args.config, args.set)
+        plan = plan_curriculum(config, config.data.train_size)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    if args.dry_run:
+        print(format_plan(plan))
+        print()
+        print(format_resources(config))
+        return 0
+
+    run_dir = prepare_run_dir(config, plan)
+    logger.info("run %r in %s", config.name, run_dir)
+
+    # 2. Models: build the zoo on first use, then check that everyone shares the tokenizer.
+    model_paths = resolve_models(config)
+    check_tokenizers(model_paths)
+
+    import ray
+
+    from cluster.evaluation import evaluate_models
+    from cluster.pipeline import ServiceAddress, generate_student_responses, run_stage
+    from cluster.train import train_stage
+    from masters.report import write_report
+    from masters.tracking import MetricsLogger, read_metrics
+    from serve.app import STUDENT
+    from serve.app import start as start_teacher_service
+
+    connect_ray(args.address)
+    metrics = MetricsLogger(run_dir, config.name, config.logging, config.model_dump(mode="json"))
+    train_samples = load_samples(config, "train", config.data.train_size)
+    processor = AutoProcessor.from_pretrained(model_paths[STUDENT])
+
+    # 3. The teacher service: every teacher at every level of its schedule, plus the initial student.
+    base_url = start_teacher_service(config, model_paths)
+    logger.info("teacher service at %s; model ids %s", base_url, ", ".join(served_model_ids(config)))
+    address = ServiceAddress()  # Serve handles: no HTTP hop inside the cluster
+
+    # Reference accuracies: the initial student and the teachers, once per run.
+    baseline = cached_json(run_dir / "eval" / "baseline_test.json")
+    if baseline is None:
+        logger.info("evaluating the initial student and the teachers on the test split")
+        baseline = evaluate_models(
+            config,
+            {"initial student": model_paths[STUDENT], **{t.name: model_paths[t.name] for t in config.models.teachers}},
+            "test",
+            config.data.test_size,
+        )
+        save_json(run_dir / "eval" / "baseline_test.json", baseline)
+
+    # 4. The student's own responses, generated once from its initial weights.
+    if config.loss.objective != "naive" and config.generation.group_student > 0:
+        generate_student_responses(config, train_samples, run_dir, address, processor)
+
+    # 5. The curriculum: generation + rewards → training → evaluation, stage by stage.
+    state_path = run_dir / "state.json"
+    state = CurriculumState.load(state_path) if state_path.exists() else CurriculumState.fresh(plan)
+    student_dir = current_student(run_dir, state, model_paths[STUDENT])
+    pending = [stage for stage in plan if stage.stage_id not in state.completed]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as generator:
+        # Generation of the next stage runs while the current one trains: the student's
+        # responses are fixed, so a stage's records never depend on the previous training.
+        next_records: Future | None = generator.submit(run_stage, config, pending[0], train_samples, run_dir, address, processor) if pending else None
+        for position, stage in enumerate(pending):
+            records = next_records.result()
+            logger.info(
+                "stage %s (%s): %s records in %s%s",
+                stage.stage_id,
+                stage.model_id,
+                records.manifest.get("num_records"),
+                records.directory,
+                " (already generated)" if records.skipped else "",
+            )
+            next_records = (
+                generator.submit(run_stage, config, pending[position + 1], train_samples, run_dir, address, processor)
+                if position + 1 < len(pending)
+                else None
+            )
+            out_dir = run_dir / "checkpoints" / stage.stage_id.replace("/", "-") / "student"
+            trained = train_stage(
+                config,
+                records.directory,
+                student_in=student_dir,
+                reference=model_paths[STUDENT],
+                out_dir=out_dir,
+                run_name=f"{config.name}-{stage.stage_id.replace('/', '-')}",
+                storage_path=str(run_dir / "ray_train"),
+                max_steps=stage.optimizer_steps,
+            )
+            val = evaluate_models(config, {"student": trained.student_dir}, "val", config.data.val_size)["student"]
+            stage_summary = summarize_stage(stage, trained, records.manifest, val)
+            metrics.log("stage", **stage_summary)
+            for step_metrics in trained.metrics:
+                metrics.log("train_step", stage_id=stage.stage_id, **step_metrics)
+            student_dir = trained.student_dir
+            state.complete(stage, plan)
+            state.save(state_path)
+            logger.info(
+                "stage %s done: val accuracy %.1f%%, %d steps", stage.stage_id, 100 * val["accuracy"], trained.steps
+            )
+
+    # 6. The final student, its test accuracy next to the teachers', the report.
+    final_dir = publish_student(student_dir, run_dir / "student")
+    final = evaluate_models(config, {"final student": final_dir}, "test", config.data.test_size)
+    test_results = {name: as_row(report) for name, report in {**baseline, **final}.items()}
+    metrics.log("final", **{f"test_accuracy/{name}": row["overall"] for name, row in test_results.items()})
+    families = sorted({family for row in test_results.values() for family in row["per_family"]})
+    write_report(
+        run_dir,
+        config.name,
+        test_results,
+        families,
+        [m for m in read_metrics(run_dir, "stage")],
+        [{"index": s.index, "teacher": s.teacher, "mask_ratio": s.mask_ratio} for s in plan],
+        dump_config(config),
+    )
+    metrics.close()
+    print()
+    print(format_accuracy_table(test_results))
+    print(f"\nstudent: {final_dir}\nreport:  {run_dir / 'report.md'}")
+    ray.shutdown()
+    return 0
+
+
+# --------------------------------------------------------------------------- the steps above, spelled out
+
+
+def format_resources(config: MastersConfig) -> str:
+    """What each part asks Ray for (the autoscaler provides nodes to match)."""
+    serve, train, rewards = config.serve, config.train, config.rewards
+    models = len(config.models.teachers) + 1
+    replicas = serve.max_replicas if serve.max_replicas is not None else serve.replicas
+    rows = [
+        ("part", "count", "per unit", "custom resources"),
+        (
+            f"teacher service ({serve.engine})",
+            f"{models} models x {replicas} replicas",
+            f"{serve.num_cpus} CPU, {serve.num_gpus} GPU, TP {serve.tensor_parallel_size}",
+            str(serve.resources or "-"),
+        ),
+        ("reward actors", str(rewards.actors), f"{rewards.actor_num_cpus} CPU", str(rewards.actor_resources or "-")),
+        (
+            f"trainer ({train.strategy}{'-zero' + str(train.zero_stage) if train.strategy == 'deepspeed' else ''})",
+            f"{train.num_workers} workers",
+            f"{train.cpus_per_worker} CPU, {1 if train.use_gpu else 0} GPU",
+            str(train.resources_per_worker or "-"),
+        ),
+    ]
+    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def prepare_run_dir(config: MastersConfig, plan: list[Stage]) -> Path:
+    """`<storage_path>/<name>/` with the resolved config and the plan; a rerun must keep the same config."""
+    run_dir = Path(config.storage_path) / config.name
+    config_yaml = dump_config(config)
+    saved = run_dir / "config.yaml"
+    if saved.exists() and saved.read_text() != config_yaml:
+        raise SystemExit(
+            f"error: run {config.name!r} exists in {run_dir} with another config; "
+            "resume it with the same config, or choose a new name with --set name=<new>"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, config_yaml)
+    atomic_write_json(run_dir / "plan.json", [stage.to_dict() for stage in plan])
+    return run_dir
+
+
+def resolve_models(config: MastersConfig) -> dict[str, Path]:
+    """Model directories by served name (teachers and `student`), building the zoo if a `zoo:` ref needs it."""
+    from masters.zoo import ZOO_PREFIX, ensure_zoo, load_zoo_config, resolve_model
+    from serve.app import STUDENT
+
+    refs = {teacher.name: teacher.model for teacher in config.models.teachers} | {STUDENT: config.models.student}
+    zoo_config = load_zoo_config(config.models.zoo_config)
+    if any(ref.startswith(ZOO_PREFIX) for ref in refs.values()):
+        ensure_zoo(zoo_config, config.models.zoo_dir)
+    return {name: resolve_model(ref, config.models.zoo_dir, zoo_config) for name, ref in refs.items()}
+
+
+def check_tokenizers(model_paths: dict[str, Path]) -> None:
+    from masters.models import check_shared_tokenizer
+
+    check_shared_tokenizer({name: AutoProcessor.from_pretrained(path) for name, path in model_paths.items()})
+
+
+def connect_ray(address: str | None) -> None:
+    """The running cluster under `ray job submit` (RAY_ADDRESS is set), a new local instance otherwise."""
+    import ray
+
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        ray.init(include_dashboard=False, configure_logging=False)
+    else:
+        ray.init(address=address or "auto", configure_logging=False)
+
+
+def served_model_ids(config: MastersConfig) -> list[str]:
+    from masters.masking import ratio_label
+
+    ids = [f"{t.name}@{ratio_label(r)}" for t in config.models.teachers for r in config.mask.ratios]
+    return [*ids, "student"]
+
+
+def load_samples(config: MastersConfig, split: str, size: int):
+    from masters.data import make_split
+
+    if config.data.dataset != "suite":
+        raise NotImplementedError("only data.dataset=suite is supported by this driver yet")
+    return make_split(split, size, seed=config.data.seed, families=config.data.families)
+
+
+def cached_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_json(path: Path, payload) -> None:
+    atomic_write_json(path, payload)
+
+
+def current_student(run_dir: Path, state: CurriculumState, initial: Path) -> Path:
+    """The student the next stage starts from: the last finished stage's output, or the initial student."""
+    if not state.completed:
+        return initial
+    return run_dir / "checkpoints" / state.completed[-1].replace("/", "-") / "student"
+
+
+def summarize_stage(stage: Stage, trained, manifest: dict, val: dict) -> dict:
+    def mean(key: str) -> float | None:
+        values = [m[key] for m in trained.metrics if key in m]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "stage_id": stage.stage_id,
+        "teacher": stage.teacher,
+        "mask_ratio": stage.mask_ratio,
+        "steps": trained.steps,
+        "val_accuracy": val["accuracy"],
+        "mean_accuracy_reward": mean("mean_accuracy_reward"),
+        "mean_distill_reward": mean("mean_distill_reward"),
+        "mean_divergence": mean("mean_divergence"),
+        "loss": mean("loss"),
+        "records": manifest.get("num_records"),
+    }
+
+
+def publish_student(student_dir: Path, target: Path) -> Path:
+    """Copy the last stage's student to `<run>/student/` in one rename."""
+    with atomic_directory(target) as tmp:
+        shutil.copytree(student_dir, tmp, dirs_exist_ok=True)
+    return target
+
+
+def as_row(report: dict) -> dict:
+    return {
+        "overall": report["accuracy"],
+        "per_family": {family: score["accuracy"] for family, score in report["per_family"].items()},
+    }
+
+
+def format_accuracy_table(results: dict[str, dict]) -> str:
+    families = sorted({family for row in results.values() for family in row["per_family"]})
+    name_width = max(len(name) for name in results)
+    header = "model".ljust(name_width) + "  overall  " + "  ".join(f[:12].rjust(12) for f in families)
+    lines = [header, "-" * len(header)]
+    for name, row in results.items():
+        cells = "  ".join(f"{100 * row['per_family'].get(f, float('nan')):12.1f}" for f in families)
+        lines.append(f"{name.ljust(name_width)}  {100 * row['overall']:6.1f}%  {cells}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    code = main()
+    logger.info("finished in %.1f min", (time.perf_counter() - started) / 60)
+    sys.exit(code)
