@@ -247,6 +247,7 @@ class DataConfig(_Section):
     train_size: int = Field(512, ge=1, description="Questions drawn from the train split.")
     val_size: int = Field(128, ge=1)
     test_size: int = Field(256, ge=1)
+    heldout_size: int = Field(128, ge=1, description="Questions of the held-out split (attribute combinations never trained on).")
     seed: int = Field(0, description="Seed of the generated suite and of the stage shuffle.")
     families: list[str] | None = Field(None, description="Restrict to these task families; None = all.")
 
