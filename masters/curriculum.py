@@ -1,0 +1,223 @@
+"""The restoration curriculum: teachers in chain order × mask stages × data chunks, and where a run is.
+
+Our reading of the method (shared/method.md §1-2): one pass over the train questions, shuffled with
+`data.seed`, is split between the teachers in proportion to `iteration_weight`; each teacher's share
+is cut into M contiguous, equal chunks, and chunk k is trained with the responses of the teacher
+masked at stage k's ratio r_max − k·s (the last stage is the full teacher). A stage's trainer draws
+`questions_per_batch` questions per optimizer update from its chunk in order, wrapping around, for
+`optimizer_steps` updates: `ceil(chunk × epochs / questions_per_batch)` by default, or, when
+`train.iterations` is set, that total split between teachers by weight and then equally by stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from masters.config import MastersConfig
+from masters.io import atomic_write_json
+from masters.masking import ratio_label
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int  # position in the whole plan
+    teacher: str
+    teacher_model: str  # `zoo:<role>` or a model directory, as configured
+    teacher_stage: int  # k: position within this teacher's schedule
+    mask_ratio: float
+    question_indices: tuple[int, ...]  # rows of the train split, in training order
+    optimizer_steps: int
+
+    @property
+    def stage_id(self) -> str:
+        """Stable id used in run paths and the curriculum state, e.g. `teacher-l/2`."""
+        return f"{self.teacher}/{self.teacher_stage}"
+
+    @property
+    def model_id(self) -> str:
+        """The served model id of this stage's teacher level, e.g. `teacher-l@0.1`."""
+        return f"{self.teacher}@{ratio_label(self.mask_ratio)}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "question_indices": list(self.question_indices)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Stage:
+        return cls(**{**data, "question_indices": tuple(data["question_indices"])})
+
+
+def _split_by_weight(total: int, weights: list[float]) -> list[int]:
+    """Integer shares of `total` proportional to `weights`, summing to `total` (largest remainder)."""
+    quotas = [total * weight / sum(weights) for weight in weights]
+    shares = [int(quota) for quota in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (shares[i] - quotas[i], i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _split_equally(total: int, parts: int) -> list[int]:
+    """`parts` sizes differing by at most one, summing to `total`, larger ones first."""
+    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
+
+
+def plan_curriculum(config: MastersConfig, num_questions: int) -> list[Stage]:
+    """Every stage of the run in training order (see the module docstring for the rules)."""
+    if num_questions < 1:
+        raise ValueError(
+            f"num_questions must be at least 1, got {num_questions}: the train split is empty "
+            "(check data.dataset and data.train_size)"
+        )
+    teachers = config.models.teachers
+    weights = [teacher.iteration_weight for teacher in teachers]
+    num_stages = config.mask.num_stages
+    train = config.train
+    if train.iterations is not None and train.epochs != 1:
+        raise ValueError(
+            f"train.epochs ({train.epochs}) has no effect when train.iterations ({train.iterations}) is set; "
+            "set train.epochs=1 or train.iterations=null"
+        )
+
+    order = list(range(num_questions))
+    random.Random(config.data.seed).shuffle(order)
+    question_shares = _split_by_weight(num_questions, weights)
+    for teacher, share in zip(teachers, question_shares):
+        if share < num_stages:
+            raise ValueError(
+                f"num_questions ({num_questions}, data.train_size) gives teacher {teacher.name!r} {share} questions, "
+                f"fewer than its {num_stages} stages (mask.max_mask_ratio / mask.mask_step + 1): use more "
+                "questions, fewer stages or a larger iteration_weight for it"
+            )
+    if train.iterations is not None:
+        iteration_shares = _split_by_weight(train.iterations, weights)
+        for teacher, share in zip(teachers, iteration_shares):
+            if share < num_stages:
+                raise ValueError(
+                    f"train.iterations ({train.iterations}) gives teacher {teacher.name!r} {share} optimizer steps, "
+                    f"fewer than its {num_stages} stages: raise train.iterations"
+                )
+
+    plan: list[Stage] = []
+    start = 0
+    for t, (teacher, share) in enumerate(zip(teachers, question_shares)):
+        for k, chunk_size in enumerate(_split_equally(share, num_stages)):
+            if train.iterations is None:
+                steps = -(-chunk_size * train.epochs // train.questions_per_batch)
+            else:
+                # Update i of the teacher's T trains stage floor(i·M/T); it never exceeds M-1,
+                # so the final stage (ratio 0) always gets its share.
+                total = iteration_shares[t]
+                steps = -(-(k + 1) * total // num_stages) - -(-k * total // num_stages)
+            plan.append(
+                Stage(
+                    index=len(plan),
+                    teacher=teacher.name,
+                    teacher_model=teacher.model,
+                    teacher_stage=k,
+                    mask_ratio=config.mask.ratios[k],
+                    question_indices=tuple(order[start : start + chunk_size]),
+                    optimizer_steps=steps,
+                )
+            )
+            start += chunk_size
+    return plan
+
+
+def plan_digest(plan: list[Stage]) -> str:
+    """Fingerprint of a plan: a saved state only resumes the plan it was made for."""
+    payload = json.dumps([stage.to_dict() for stage in plan], sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def format_plan(plan: list[Stage]) -> str:
+    """A table of the plan for `--dry-run` and the docs."""
+    rows = [("#", "stage", "teacher level", "model", "mask_ratio", "questions", "steps")]
+    rows += [
+        (
+            str(stage.index),
+            stage.stage_id,
+            stage.model_id,
+            stage.teacher_model,
+            f"{stage.mask_ratio:.2f}",
+            str(len(stage.question_indices)),
+            str(stage.optimizer_steps),
+        )
+        for stage in plan
+    ]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    total = sum(stage.optimizer_steps for stage in plan)
+    return "\n".join([*lines, f"{len(plan)} stages, {total} optimizer steps"])
+
+
+@dataclass
+class CurriculumState:
+    """Where a run is: the stages finished (in plan order) and the optimizer updates they took.
+
+    A finished stage is never redone; an unfinished one is redone from its start.
+    """
+
+    plan_digest: str
+    completed: list[str] = field(default_factory=list)  # stage ids
+    global_step: int = 0  # optimizer updates of the completed stages
+
+    @classmethod
+    def fresh(cls, plan: list[Stage]) -> CurriculumState:
+        return cls(plan_digest=plan_digest(plan))
+
+    def next_stage(self, plan: list[Stage]) -> Stage | None:
+        """The first unfinished stage, or None when the run is done."""
+        self._check(plan)
+        return plan[len(self.completed)] if len(self.completed) < len(plan) else None
+
+    def complete(self, stage: Stage, plan: list[Stage]) -> None:
+        """Record that `stage`, the next one, finished."""
+        expected = self.next_stage(plan)
+        if expected is None or expected.stage_id != stage.stage_id:
+            raise ValueError(
+                f"stage {stage.stage_id!r} is not the next stage of the plan "
+                f"(next: {None if expected is None else expected.stage_id!r})"
+            )
+        self.completed.append(stage.stage_id)
+        self.global_step += stage.optimizer_steps
+
+    def _check(self, plan: list[Stage]) -> None:
+        if self.plan_digest != plan_digest(plan):
+            raise ValueError(
+                "the saved curriculum state belongs to another plan (config, data or teachers changed); "
+                "use a new run name or restore the original config"
+            )
+        if self.completed != [stage.stage_id for stage in plan[: len(self.completed)]]:
+            raise ValueError(f"completed stages {self.completed} are not a prefix of the plan")
+
+    def to_dict(self) -> dict:
+        return {"version": STATE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CurriculumState:
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"curriculum state version {data.get('version')!r} is not {STATE_VERSION}")
+        missing = {"plan_digest", "completed", "global_step"} - data.keys()
+        if missing:
+            raise ValueError(f"curriculum state lacks fields {sorted(missing)}")
+        if not isinstance(data["completed"], list) or not isinstance(data["global_step"], int):
+            raise ValueError("curriculum state: `completed` must be a list of stage ids and `global_step` an integer")
+        return cls(plan_digest=data["plan_digest"], completed=list(data["completed"]), global_step=data["global_step"])
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> CurriculumState:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"curriculum state {str(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
