@@ -1,0 +1,206 @@
+"""Request and response payloads of the teacher service, shared by HTTP clients and Serve handles.
+
+Chat completions follow the OpenAI schema (plus `top_k` and `repetition_penalty`, and the
+generated `token_ids` on each choice); `/v1/score` is ours. Requests are strict: a wrong type or
+an unknown field is an error naming the field, never a silent coercion.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ServeError(Exception):
+    """A request the service refuses; becomes an OpenAI-style error body with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str = "invalid_request_error",
+    ):
+        super().__init__(status, message, param, code, error_type)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Request):
+    url: str = Field(description="`data:image/...;base64,...`, or a path on the server when serve.allow_local_images.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+# --------------------------------------------------------------------------- chat completions
+
+
+class ChatCompletionRequest(_Request):
+    """OpenAI chat completion request; unset sampling fields take the config's `generation.sampling`."""
+
+    model: str = Field(description="`<teacher>@<ratio>` (e.g. `teacher-l@0.15`) or `student`.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0 disables top-k filtering.")
+    repetition_penalty: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer OpenAI name of max_tokens.")
+    seed: int | None = Field(None, description="Same seed and request: same samples, whatever shares the batch.")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.stream:
+            raise ValueError("stream: streaming is not supported; send stream=false")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
+    token_ids: list[int] = Field(description="Generated token ids, the final EOS included when finish_reason is stop.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class ScoreItem(_Request):
+    """One (prompt, response) pair: the response as token ids (as generated) or as text (tokenized as is)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    response_token_ids: list[int] | None = Field(None, min_length=1)
+    response: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_response(self) -> ScoreItem:
+        if (self.response_token_ids is None) == (self.response is None):
+            raise ValueError("give exactly one of response_token_ids and response")
+        return self
+
+
+class ScoreRequest(_Request):
+    model: str
+    items: list[ScoreItem] = Field(min_length=1)
+    top_k: int | None = Field(None, ge=1, description="Default generation.teacher_topk; capped at the vocabulary size.")
+
+
+class TokenScores(BaseModel):
+    """Per response token: its log-prob, the model's top-k ids and log-probs, and the mass outside the top-k."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+    tail_mass: list[float]
+
+
+class ScoreData(TokenScores):
+    index: int
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["score"] = "score"
+    model: str
+    top_k: int
+    data: list[ScoreData]
+    usage: Usage
+
+
+# --------------------------------------------------------------------------- models and health
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "masters"
+    root: str = Field(description="The configured model name the id belongs to.")
+    mask_ratio: float
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

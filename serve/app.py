@@ -1,0 +1,431 @@
+"""The Ray Serve application: one deployment per configured model behind an OpenAI-style gateway.
+
+- `ModelServer` (one deployment per teacher and one for the student): each replica owns a resident
+  engine. Requests are batched with `@serve.batch`; a batch runs at one mask level, and a level
+  switch waits for the engine lock, i.e. for the batch in flight. The level is also the request's
+  multiplexed model id, so with several replicas the router keeps a level on the replica that
+  already holds it (`max_num_models_per_replica=1`: a replica holds one level at a time).
+- `Gateway` (FastAPI ingress): auth, JSON validation, model-id routing, OpenAI-style errors, 503
+  when a model's queue is full.
+
+Inside the cluster, call `model_handle(model_id)` and `await handle.generate.remote(request)` /
+`handle.score.remote(request)` with the same pydantic payloads the HTTP API takes.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from masters.config import MastersConfig
+
+from serve.api import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChoiceLogprobs,
+    ModelCard,
+    ModelList,
+    ScoreData,
+    ScoreRequest,
+    ScoreResponse,
+    ServeError,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from serve.engine import Completion, EncodedPrompt, Engine, Sampling, chat_prompt
+from serve.levels import STUDENT, Catalog, ServedModel
+
+logger = logging.getLogger("ray.serve")
+
+APP_NAME = "masters"
+GATEWAY = "gateway"
+
+
+def load_engine(config: MastersConfig, model_dir: str, served: ServedModel) -> "Engine":
+    """The configured engine for one model; vLLM is imported only here, only when asked for."""
+    ratios = list(served.ratios) if served.is_teacher else [0.0]
+    if config.serve.engine == "vllm":
+        from serve.vllm_engine import VLLMEngine
+
+        # vLLM must reserve room for the largest top-k at load time; 20 is OpenAI's top_logprobs maximum.
+        max_top_k = max(config.generation.teacher_topk, 20)
+        parallel = config.serve.tensor_parallel_size
+        return VLLMEngine(model_dir, ratios, config.mask.scope, config.models.dtype, parallel, max_top_k)
+    import torch
+
+    from serve.engine import TransformersEngine
+
+    device = "cuda" if config.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return TransformersEngine(model_dir, ratios, config.mask.scope, device=device, dtype=config.models.dtype)
+
+
+class ModelServer:
+    """A replica of one model: resident engine, batched generate/score, in-place mask levels."""
+
+    def __init__(self, served: ServedModel, model_dir: str, config: MastersConfig):
+        self.served = served
+        self.catalog = Catalog([served])
+        self.config = config
+        self.engine = load_engine(config, model_dir, served)
+        self._engine_lock = asyncio.Lock()
+        for batched in (self._generate_batch, self._score_batch):
+            batched.set_max_batch_size(config.serve.max_batch_size)
+            batched.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
+        logger.info("%s: %s engine loaded in %.2fs", served.name, config.serve.engine, self.engine.health()["load_s"])
+
+    # ----------------------------------------------------------------------- levels
+
+    @serve.multiplexed(max_num_models_per_replica=1)
+    async def _hold_level(self, model_id: str) -> str:
+        # Routing only: tells the router which level this replica holds. The weights are
+        # re-masked lazily under the engine lock, by the first batch that needs the level.
+        return model_id
+
+    async def _run_at_levels(self, items: list[tuple], run) -> list:
+        """Run `items` ((mask_ratio, *args)) grouped by level; a switch waits for the batch in flight.
+
+        Engine work runs on the replica's event loop on purpose: while it runs, new requests wait
+        in the replica's queue and all join the next batch. In a worker thread it competed with
+        them for the GIL and batches stayed small (measured: 2.6 requests per batch with 32 clients).
+        """
+        by_level: dict[float, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            by_level[item[0]].append(index)
+        results: list = [None] * len(items)
+        async with self._engine_lock:
+            # The held level first: no switch unless the batch needs one.
+            for mask_ratio in sorted(by_level, key=lambda r: r != self.engine.mask_ratio):
+                switch_s = self.engine.set_mask_ratio(mask_ratio)
+                if switch_s:
+                    logger.info("%s: mask level -> %s in %.4fs", self.served.name, mask_ratio, switch_s)
+                indices = by_level[mask_ratio]
+                for index, output in zip(indices, run([items[i][1:] for i in indices])):
+                    results[index] = output
+        return results
+
+    async def _resolve(self, requested: str) -> float:
+        level = self.catalog.resolve(requested)
+        if serve.get_multiplexed_model_id():
+            await self._hold_level(serve.get_multiplexed_model_id())
+        return level.mask_ratio
+
+    # ----------------------------------------------------------------------- generate
+
+    def _sampling(self, request: ChatCompletionRequest) -> Sampling:
+        limits, defaults = self.config.serve, self.config.generation.sampling
+        if request.n > limits.max_n:
+            raise ServeError(400, f"n is {request.n}; this server allows at most serve.max_n={limits.max_n}", "n")
+        max_tokens = request.requested_max_tokens or defaults.max_new_tokens
+        if max_tokens > limits.max_tokens_limit:
+            raise ServeError(
+                400,
+                f"max_tokens is {max_tokens}; this server allows at most "
+                f"serve.max_tokens_limit={limits.max_tokens_limit}",
+                "max_tokens",
+            )
+        fields = {
+            name: getattr(request, name) if getattr(request, name) is not None else getattr(defaults, name)
+            for name in ("temperature", "top_p", "top_k", "repetition_penalty")
+        }
+        if request.seed is not None:
+            fields["seed"] = request.seed
+        top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        return Sampling(n=request.n, max_tokens=max_tokens, top_logprobs=top_logprobs, **fields)
+
+    def _encode(self, messages, extra_tokens: int, param: str) -> EncodedPrompt:
+        prompt = self.engine.encode_chat(chat_prompt(messages, self.config.serve))
+        if len(prompt.token_ids) + extra_tokens > self.engine.max_context:
+            raise ServeError(
+                400,
+                f"the prompt is {len(prompt.token_ids)} tokens and {param} adds {extra_tokens}: more than the model's "
+                f"context of {self.engine.max_context} tokens; shorten the messages or {param}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return prompt
+
+    async def generate(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        mask_ratio = await self._resolve(request.model)
+        sampling = self._sampling(request)
+        prompt = self._encode(request.messages, sampling.max_tokens, "max_tokens")
+        completions: list[Completion] = await self._generate_batch((mask_ratio, prompt, sampling))
+        choices = [
+            Choice(
+                index=index,
+                message=AssistantMessage(content=completion.text),
+                finish_reason=completion.finish_reason,
+                token_ids=completion.token_ids,
+                logprobs=self._choice_logprobs(completion),
+            )
+            for index, completion in enumerate(completions)
+        ]
+        completion_tokens = sum(len(c.token_ids) for c in completions)
+        usage = Usage(
+            prompt_tokens=len(prompt.token_ids),
+            completion_tokens=completion_tokens,
+            total_tokens=len(prompt.token_ids) + completion_tokens,
+        )
+        return ChatCompletionResponse(model=request.model, choices=choices, usage=usage)
+
+    def _choice_logprobs(self, completion: Completion) -> ChoiceLogprobs | None:
+        if completion.logprobs is None:
+            return None
+
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            text = self.engine.decode_token(token_id)
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        content = []
+        for token_id, logprob, tops in completion.logprobs:
+            entry = top(token_id, logprob)
+            content.append(TokenLogprob(**entry.model_dump(), top_logprobs=[top(i, lp) for i, lp in tops]))
+        return ChoiceLogprobs(content=content)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, items: list[tuple[float, EncodedPrompt, Sampling]]) -> list[list[Completion]]:
+        return await self._run_at_levels(items, self.engine.generate)
+
+    # ----------------------------------------------------------------------- score
+
+    def _response_ids(self, item) -> list[int]:
+        token_ids = item.response_token_ids
+        if token_ids is None:
+            token_ids = self.engine.encode_text(item.response)
+        if not token_ids:
+            raise ServeError(400, "response encodes to no tokens; send a non-empty response", "items.response")
+        bad = [t for t in token_ids if not 0 <= t < self.engine.vocab_size]
+        if bad:
+            raise ServeError(
+                400,
+                f"response_token_ids {bad[:5]} are outside the vocabulary [0, {self.engine.vocab_size})",
+                "items.response_token_ids",
+            )
+        return token_ids
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        mask_ratio = await self._resolve(request.model)
+        if len(request.items) > self.config.serve.max_n:
+            raise ServeError(
+                400,
+                f"{len(request.items)} items; score at most serve.max_n={self.config.serve.max_n} items per request",
+                "items",
+            )
+        top_k = min(request.top_k or self.config.generation.teacher_topk, self.engine.max_top_k)
+
+        def prepare(item) -> tuple[EncodedPrompt, list[int]]:
+            response = self._response_ids(item)
+            return self._encode(item.messages, len(response), "the response"), response
+
+        prepared = [prepare(item) for item in request.items]
+        scores = await asyncio.gather(*(self._score_batch((mask_ratio, p, r, top_k)) for p, r in prepared))
+        data = [ScoreData(index=i, **s.model_dump()) for i, s in enumerate(scores)]
+        prompt_tokens = sum(len(p.token_ids) for p, _ in prepared)
+        scored = sum(len(r) for _, r in prepared)
+        usage = Usage(prompt_tokens=prompt_tokens + scored, completion_tokens=0, total_tokens=prompt_tokens + scored)
+        return ScoreResponse(model=request.model, top_k=top_k, data=data, usage=usage)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, items: list[tuple[float, EncodedPrompt, list[int], int]]) -> list:
+        return await self._run_at_levels(items, self.engine.score)
+
+    # ----------------------------------------------------------------------- health
+
+    async def health(self) -> dict:
+        return {"model": self.served.name, **self.engine.health()}
+
+
+# --------------------------------------------------------------------------- gateway
+
+api = FastAPI(title="Masters teacher service")
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None):
+    error = ServeError(status, message, param, code, kind or "invalid_request_error")
+    return JSONResponse(error.body(), status_code=status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found")
+
+
+def _validation_message(error: ValidationError) -> tuple[str, str | None]:
+    problems, first_param = [], None
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        first_param = first_param or where or None
+        if item["type"] == "json_invalid":
+            return f"the request body is not valid JSON: {item['ctx'].get('error', '')}".strip(), None
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field, not supported by this server"
+        problems.append(f"{where or 'body'}: {message}")
+    return "invalid request: " + "; ".join(problems), first_param
+
+
+@serve.ingress(api)
+class Gateway:
+    """HTTP front: auth, validation, routing by model id, OpenAI-style errors."""
+
+    def __init__(self, config: MastersConfig, handles: dict[str, DeploymentHandle], api_key: str | None):
+        self.catalog = Catalog.from_config(config)
+        self.handles = handles
+        self.api_key = api_key
+
+    def _check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise ServeError(
+                401,
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+                error_type="authentication_error",
+            )
+
+    async def _call(self, request: Request, payload_type, method: str):
+        try:
+            self._check_auth(request)
+            body = await request.body()
+            try:
+                payload = payload_type.model_validate_json(body)
+            except ValidationError as exc:
+                message, param = _validation_message(exc)
+                raise ServeError(400, message, param) from None
+            level = self.catalog.resolve(payload.model)
+            handle = self.handles[level.model.name].options(multiplexed_model_id=level.model_id)
+            result = await getattr(handle, method).remote(payload)
+            return JSONResponse(result.model_dump(mode="json"))
+        except ServeError as error:  # also a ServeError raised in a replica (Ray re-raises it as its cause's class)
+            return JSONResponse(error.body(), status_code=error.status)
+        except BackPressureError:
+            return _error(
+                503,
+                "the service is at capacity (serve.max_queued_requests); retry later",
+                code="overloaded",
+                kind="server_error",
+            )
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> JSONResponse:
+        return await self._call(request, ChatCompletionRequest, "generate")
+
+    @api.post("/v1/score")
+    async def score(self, request: Request) -> JSONResponse:
+        return await self._call(request, ScoreRequest, "score")
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self._check_auth(request)
+        except ServeError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        cards = [
+            ModelCard(id=model_id, root=model.name, mask_ratio=ratio if model.is_teacher else 0.0)
+            for model in self.catalog.models.values()
+            for model_id, ratio in zip(model.model_ids, model.ratios)
+        ]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        names = list(self.handles)
+        states = await asyncio.gather(*(self.handles[n].health.remote() for n in names), return_exceptions=True)
+        models = {n: (s if isinstance(s, dict) else {"error": str(s)}) for n, s in zip(names, states)}
+        ok = all("error" not in s for s in models.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": models}, status_code=200 if ok else 503)
+
+
+# --------------------------------------------------------------------------- building and starting
+
+
+def _deployment_options(config: MastersConfig) -> dict:
+    limits = config.serve
+    options = {
+        "ray_actor_options": {"num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus},
+        # One batch running and the next one filling; the rest wait in the caller's bounded queue.
+        "max_ongoing_requests": 2 * limits.max_batch_size,
+        "max_queued_requests": limits.max_queued_requests,
+        "health_check_period_s": 10,
+    }
+    if limits.min_replicas is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": limits.min_replicas,
+            "max_replicas": limits.max_replicas,
+            "target_ongoing_requests": limits.max_batch_size,
+        }
+    else:
+        options["num_replicas"] = limits.replicas
+    return options
+
+
+def build_app(config: MastersConfig, model_paths: dict[str, Path]) -> serve.Application:
+    """The Serve application: a `ModelServer` deployment per model in `model_paths` (every teacher + `student`)."""
+    catalog = Catalog.from_config(config)
+    missing = [name for name in catalog.models if name not in model_paths]
+    if missing:
+        raise ValueError(f"model_paths lacks {missing}; give a model directory for every teacher and for {STUDENT!r}")
+    api_key = None
+    if config.serve.api_key_env:
+        api_key = os.environ.get(config.serve.api_key_env)
+        if not api_key:
+            raise ValueError(
+                f"serve.api_key_env is {config.serve.api_key_env!r} but that environment variable is empty; "
+                "set it or unset serve.api_key_env"
+            )
+    options = _deployment_options(config)
+    model_server = serve.deployment(ModelServer)
+    handles = {
+        name: model_server.options(name=name, **options).bind(served, str(model_paths[name]), config)
+        for name, served in catalog.models.items()
+    }
+    per_model = options["max_ongoing_requests"] + config.serve.max_queued_requests
+    replicas = config.serve.max_replicas or config.serve.replicas
+    gateway = serve.deployment(Gateway).options(
+        name=GATEWAY,
+        ray_actor_options={"num_cpus": 0},
+        # The gateway only awaits. Load is shed by the models' bounded queues (an OpenAI-style 503 from
+        # the gateway), so the gateway itself must never queue requests in the proxy: room for all of them.
+        max_ongoing_requests=len(handles) * replicas * per_model + 256,
+    )
+    return gateway.bind(config, handles, api_key)
+
+
+def resolve_model_paths(config: MastersConfig) -> dict[str, Path]:
+    """Directories of every teacher and the student; `zoo:` refs resolve inside `models.zoo_dir`."""
+    from masters.zoo import resolve_model
+
+    refs = {t.name: t.model for t in config.models.teachers} | {STUDENT: config.models.student}
+    return {name: resolve_model(ref, config.models.zoo_dir) for name, ref in refs.items()}
+
+
+def start(config: MastersConfig, model_paths: dict[str, Path] | None = None) -> str:
+    """Deploy the app on the connected Ray cluster; returns the OpenAI base URL (`http://host:port/v1`)."""
+    started = time.perf_counter()
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    app = build_app(config, model_paths or resolve_model_paths(config))
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    logger.info("teacher service deployed in %.1fs", time.perf_counter() - started)
+    return f"http://{config.serve.host}:{config.serve.port}/v1"
+
+
+def model_handle(config: MastersConfig, requested: str) -> DeploymentHandle:
+    """An in-cluster handle for one model id: `await model_handle(cfg, "teacher-l@0.15").generate.remote(req)`."""
+    level = Catalog.from_config(config).resolve(requested)
+    handle = serve.get_deployment_handle(level.model.name, app_name=APP_NAME)
+    return handle.options(multiplexed_model_id=level.model_id)

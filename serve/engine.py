@@ -1,0 +1,373 @@
+"""The engine protocol and the transformers engine (the default, CPU and GPU).
+
+An engine owns one resident model. A replica hands it whole batches, all at one mask level:
+`generate` samples completions, `score` returns the model's top-k log-probs on given responses,
+`set_mask_ratio` re-masks the weights in place from a dense copy.
+
+Reproducible seeds: the transformers engine runs its own decoding loop (KV cache, left padding,
+explicit position ids) and draws every sample from its own `torch.Generator`, seeded from the
+request's seed and the sample's index. A seeded request therefore draws the same random numbers
+whatever else shares its batch; its logits differ from a solo run only by float rounding in
+batched kernels (a flip needs a draw within ~1e-6 of a boundary, never observed here).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from masters.config import MaskConfig, ServeConfig
+from masters.models import load_model
+
+from serve.api import ChatMessage, ServeError, TokenScores
+from serve.images import load_image
+
+# --------------------------------------------------------------------------- engine-neutral inputs
+
+
+@dataclass
+class ChatPrompt:
+    """A chat in the model's template form (`{"type": "image"}` parts) and its decoded images, in order."""
+
+    messages: list[dict]
+    images: list[Image.Image]
+
+
+def chat_prompt(messages: list[ChatMessage], config: ServeConfig) -> ChatPrompt:
+    """OpenAI messages → template messages + images; image errors are 400s naming the problem."""
+    template_messages, images = [], []
+    for message in messages:
+        if isinstance(message.content, str):
+            template_messages.append({"role": message.role, "content": message.content})
+            continue
+        parts = []
+        for part in message.content:
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+            else:
+                images.append(load_image(part.image_url.url, config))
+                parts.append({"type": "image"})
+        template_messages.append({"role": message.role, "content": parts})
+    return ChatPrompt(template_messages, images)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Resolved sampling parameters of one request (the paper's: temperature, top-p, top-k, repetition penalty)."""
+
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int = field(default_factory=lambda: secrets.randbits(63))
+    top_logprobs: int | None = None  # None: no log-probs returned; 0: only the sampled token's
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt ready for an engine: token ids (image placeholders expanded) and its images."""
+
+    token_ids: list[int]  # what the model sees: counts against the context and in `usage`
+    images: list[Image.Image]
+    engine_input: Any = None  # engine-specific: pixel values (transformers), unexpanded ids (vLLM)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    # Per generated token: (token id, log-prob, [(top id, top log-prob), ...]) when asked for.
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+
+
+class Engine(Protocol):
+    """What a replica needs from an inference engine; all calls of one replica are serialised."""
+
+    max_context: int
+    vocab_size: int
+    max_top_k: int  # the largest k `score` can return
+    mask_ratio: float
+
+    def encode_chat(self, prompt: ChatPrompt) -> EncodedPrompt: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def decode_token(self, token_id: int) -> str: ...
+
+    def generate(self, batch: list[tuple[EncodedPrompt, Sampling]]) -> list[list[Completion]]: ...
+
+    def score(self, batch: list[tuple[EncodedPrompt, list[int], int]]) -> list[TokenScores]: ...
+
+    def set_mask_ratio(self, mask_ratio: float) -> float: ...
+
+    def health(self) -> dict: ...
+
+
+def switch_stats(switch_times_s: list[float]) -> dict:
+    """Level-switch timings for `health()`."""
+    return {
+        "level_switches": len(switch_times_s),
+        "last_switch_s": round(switch_times_s[-1], 4) if switch_times_s else None,
+        "mean_switch_s": round(sum(switch_times_s) / len(switch_times_s), 4) if switch_times_s else None,
+    }
+
+
+def seeded_generator(seed: int, sample_index: int, device: torch.device) -> torch.Generator:
+    """Sample j of a request with seed s always draws from the same stream."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + sample_index) & 0xFFFF_FFFF_FFFF_FFFF)
+    return generator
+
+
+def top_k_scores(logprobs: torch.Tensor, token_ids: torch.Tensor, top_k: int) -> TokenScores:
+    """`logprobs` [T, V] predicting `token_ids` [T]: the scored tokens' log-probs, top-k and tail mass."""
+    token_logprobs = logprobs.gather(-1, token_ids[:, None])[:, 0]
+    top = logprobs.topk(top_k, dim=-1)
+    tail_mass = (1.0 - top.values.double().exp().sum(-1)).clamp_min(0.0)
+    return TokenScores(
+        token_ids=token_ids.tolist(),
+        logprobs=token_logprobs.tolist(),
+        top_ids=top.indices.tolist(),
+        top_logprobs=top.values.tolist(),
+        tail_mass=tail_mass.tolist(),
+    )
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row sampling distribution (HF order: repetition penalty, temperature, top-k, top-p) as log-probs.
+
+    Every operation is row-wise, so a row's distribution never depends on the other rows.
+    Rows with temperature 0 keep their penalised logits (the caller takes the argmax).
+    """
+    penalty = repetition_penalty[:, None]
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    scores = torch.where(seen, penalised, logits)
+    scores = scores / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+    beyond_k = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
+    sorted_scores = sorted_scores.masked_fill(beyond_k, float("-inf"))
+    probs = sorted_scores.softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    beyond_p = (probs.cumsum(-1) - probs) >= top_p[:, None]
+    sorted_scores = sorted_scores.masked_fill(beyond_p, float("-inf"))
+    return torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores).log_softmax(-1)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Input ids, attention mask and position ids (counting from each row's first real token)."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, length - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, length - len(sequence) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+# --------------------------------------------------------------------------- transformers engine
+
+
+class TransformersEngine:
+    """A resident transformers VLM with batched sampling and scoring and in-place mask levels."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        mask_ratios: list[float],
+        mask_scope: str = MaskConfig().scope,
+        device: str = "cpu",
+        dtype: str = "auto",
+    ):
+        started = time.perf_counter()
+        self.model, self.processor = load_model(model_dir, device=device, dtype=dtype)
+        self.device = torch.device(device)
+        self.tokenizer = self.processor.tokenizer
+        text_config = self.model.config.get_text_config()
+        self.max_context = int(text_config.max_position_embeddings)
+        self.vocab_size = int(text_config.vocab_size)
+        self.max_top_k = self.vocab_size
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.masker = None
+        if any(ratio > 0 for ratio in mask_ratios):
+            from masters.masking import TeacherMasker
+
+            self.masker = TeacherMasker(self.model, mask_ratios, mask_scope)
+        self.mask_ratio = 0.0
+        self.load_s = time.perf_counter() - started
+        self.switch_times_s: list[float] = []
+        self.batches = 0
+        self.batched_items = 0
+
+    # ----------------------------------------------------------------------- prompts
+
+    def encode_chat(self, prompt: ChatPrompt) -> EncodedPrompt:
+        text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        try:
+            inputs = self.processor(images=prompt.images or None, text=text, return_tensors="pt")
+        except ValueError as exc:  # e.g. a literal image placeholder in the text without an image
+            raise ServeError(400, f"messages could not be encoded: {exc}", param="messages") from None
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.model.dtype)
+        return EncodedPrompt(inputs["input_ids"][0].tolist(), prompt.images, engine_input=pixel_values)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _forward_inputs(self, prompts: list[EncodedPrompt], sequences: list[list[int]]) -> dict:
+        input_ids, attention_mask, position_ids = left_pad(sequences, self.pad_id, self.device)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        pixel_values = [p.engine_input for p in prompts if p.engine_input is not None]
+        if pixel_values:
+            inputs["pixel_values"] = torch.cat(pixel_values).to(self.device)
+        return inputs
+
+    # ----------------------------------------------------------------------- generate
+
+    @torch.inference_mode()
+    def generate(self, batch: list[tuple[EncodedPrompt, Sampling]]) -> list[list[Completion]]:
+        """`n` completions per request; each row stops at EOS or its own `max_tokens`."""
+        self.batches += 1
+        self.batched_items += len(batch)
+        rows = [(request, sample) for request, (_, sampling) in enumerate(batch) for sample in range(sampling.n)]
+        prompts = [batch[request][0] for request, _ in rows]
+        params = [batch[request][1] for request, _ in rows]
+        device = self.device
+
+        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+        temperature = column("temperature", torch.float32)
+        top_p, top_k = column("top_p", torch.float32), column("top_k", torch.long)
+        repetition_penalty = column("repetition_penalty", torch.float32)
+        max_tokens = column("max_tokens", torch.long)
+        generators = [seeded_generator(params[i].seed, sample, device) for i, (_, sample) in enumerate(rows)]
+        want_logprobs = [p.top_logprobs is not None for p in params]
+
+        inputs = self._forward_inputs(prompts, [p.token_ids for p in prompts])
+        seen = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool, device=device)
+        seen.scatter_(1, inputs["input_ids"], inputs["attention_mask"].bool())
+        attention_mask, position_ids = inputs["attention_mask"], inputs["position_ids"]
+        output = self.model(**inputs, use_cache=True, logits_to_keep=1)
+
+        generated: list[list[int]] = [[] for _ in rows]
+        token_logprobs: list[list] = [[] for _ in rows]
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for step in range(int(max_tokens.max())):
+            logits = output.logits[:, -1].float()
+            sample_logprobs = filter_logits(logits, seen, temperature, top_p, top_k, repetition_penalty)
+            next_tokens = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=device)
+            for row in range(len(rows)):
+                if finished[row]:
+                    continue  # finished rows draw nothing, so a row's draws depend on itself only
+                if temperature[row] == 0:
+                    next_tokens[row] = sample_logprobs[row].argmax()
+                else:
+                    next_tokens[row] = torch.multinomial(sample_logprobs[row].exp(), 1, generator=generators[row])[0]
+                generated[row].append(int(next_tokens[row]))
+            if any(want_logprobs):
+                model_logprobs = logits.log_softmax(-1)
+                for row in range(len(rows)):
+                    if want_logprobs[row] and not finished[row]:
+                        token = int(next_tokens[row])
+                        top = model_logprobs[row].topk(params[row].top_logprobs) if params[row].top_logprobs else None
+                        tops = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+                        token_logprobs[row].append((token, float(model_logprobs[row, token]), tops))
+            seen[torch.arange(len(rows), device=device), next_tokens] |= ~finished
+            finished |= (next_tokens == self.eos_id) | (step + 1 >= max_tokens)
+            if bool(finished.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            output = self.model(
+                input_ids=next_tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=output.past_key_values,
+                use_cache=True,
+            )
+
+        results: list[list[Completion]] = [[] for _ in batch]
+        for row, (request, _) in enumerate(rows):
+            tokens = generated[row]
+            stopped = bool(tokens) and tokens[-1] == self.eos_id
+            text = self.tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
+            results[request].append(
+                Completion(
+                    text=text,
+                    token_ids=tokens,
+                    finish_reason="stop" if stopped else "length",
+                    logprobs=token_logprobs[row] if want_logprobs[row] else None,
+                )
+            )
+        return results
+
+    # ----------------------------------------------------------------------- score
+
+    @torch.inference_mode()
+    def score(self, batch: list[tuple[EncodedPrompt, list[int], int]]) -> list[TokenScores]:
+        """(prompt, response ids, k) items: one forward over prompt + response; position t scores response token t."""
+        self.batches += 1
+        self.batched_items += len(batch)
+        prompts = [prompt for prompt, _, _ in batch]
+        sequences = [prompt.token_ids + response for prompt, response, _ in batch]
+        longest = max(len(response) for _, response, _ in batch)
+        inputs = self._forward_inputs(prompts, sequences)
+        # Rows are left padded, so every response ends at the last column: keep only the logits needed.
+        logits = self.model(**inputs, logits_to_keep=longest + 1).logits
+        logprobs = logits.float().log_softmax(-1)
+        scores = []
+        for row, (_, response, top_k) in enumerate(batch):
+            predicting = logprobs[row, logprobs.shape[1] - len(response) - 1 : -1]
+            token_ids = torch.tensor(response, dtype=torch.long, device=predicting.device)
+            scores.append(top_k_scores(predicting, token_ids, top_k))
+        return scores
+
+    # ----------------------------------------------------------------------- levels
+
+    def set_mask_ratio(self, mask_ratio: float) -> float:
+        """Re-mask in place from the dense copy; returns the seconds the switch took."""
+        if self.mask_ratio == mask_ratio:
+            return 0.0
+        if self.masker is None:
+            raise ValueError(f"this model is served dense only; cannot mask at {mask_ratio}")
+        started = time.perf_counter()
+        self.masker.set_mask_ratio(mask_ratio)
+        self.mask_ratio = mask_ratio
+        elapsed = time.perf_counter() - started
+        self.switch_times_s.append(elapsed)
+        return elapsed
+
+    def health(self) -> dict:
+        return {
+            "engine": "transformers",
+            "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
+            "mask_ratio": self.mask_ratio,
+            "load_s": round(self.load_s, 3),
+            "batches": self.batches,
+            "mean_batch_size": round(self.batched_items / max(self.batches, 1), 2),
+            **switch_stats(self.switch_times_s),
+        }

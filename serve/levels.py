@@ -1,0 +1,86 @@
+"""Model ids: every mask level of a teacher is `<name>@<ratio>`, the student is `student`.
+
+Ratios are written by `masters.masking.ratio_label` (`teacher-l@0.15`, `teacher-l@0`), and any
+spelling of the same number (`teacher-l@0.0`, `teacher-l@0.150`) resolves to the same level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from masters.config import MastersConfig, isclose_ratio
+from masters.masking import ratio_label
+
+from serve.api import ServeError
+
+STUDENT = "student"
+
+
+def model_id(name: str, mask_ratio: float | None = None) -> str:
+    """`teacher-l@0.15` for a teacher level; the bare name for the (dense) student."""
+    return name if mask_ratio is None else f"{name}@{ratio_label(mask_ratio)}"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One configured model: its deployment and the mask ratios it serves (the student: only dense)."""
+
+    name: str
+    ratios: tuple[float, ...]
+    is_teacher: bool
+
+    @property
+    def model_ids(self) -> list[str]:
+        if not self.is_teacher:
+            return [self.name]
+        return [model_id(self.name, ratio) for ratio in self.ratios]
+
+
+@dataclass(frozen=True)
+class Level:
+    """A resolved model id: which deployment, at which mask ratio, under its canonical id."""
+
+    model: ServedModel
+    mask_ratio: float
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.model.name, self.mask_ratio if self.model.is_teacher else None)
+
+
+class Catalog:
+    """The model ids the service answers, from the config's teachers, mask schedule and student."""
+
+    def __init__(self, models: list[ServedModel]):
+        self.models = {model.name: model for model in models}
+
+    @classmethod
+    def from_config(cls, config: MastersConfig) -> Catalog:
+        ratios = tuple(config.mask.ratios)
+        teachers = [ServedModel(t.name, ratios, is_teacher=True) for t in config.models.teachers]
+        return cls([*teachers, ServedModel(STUDENT, (0.0,), is_teacher=False)])
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [mid for model in self.models.values() for mid in model.model_ids]
+
+    def resolve(self, requested: str) -> Level:
+        """The level a model id names, or a 404 `ServeError` listing the valid ids."""
+        name, at, ratio_text = requested.partition("@")
+        model = self.models.get(name)
+        if model is not None and model.is_teacher == bool(at):
+            if not model.is_teacher:
+                return Level(model, 0.0)
+            try:
+                ratio = float(ratio_text)
+            except ValueError:
+                ratio = None
+            for level in model.ratios:
+                if ratio is not None and isclose_ratio(ratio, level):
+                    return Level(model, level)
+        raise ServeError(
+            404,
+            f"model {requested!r} does not exist; valid model ids: {', '.join(self.model_ids)}",
+            param="model",
+            code="model_not_found",
+        )

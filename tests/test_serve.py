@@ -1,0 +1,335 @@
+"""The teacher service end to end: the real Serve app on loopback, the real `openai` client, the micro model.
+
+One deployment serves the whole module (deploying costs ~10 s); it is shut down in `finally`.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from masters.config import validate_config
+from masters.models import load_model
+
+API_KEY_ENV = "MASTERS_TEST_SERVE_KEY"
+API_KEY = "test-key-123"
+TEACHER_IDS = ["teacher@0.2", "teacher@0.1", "teacher@0"]
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+IMAGE_URL = png_data_url(Image.new("RGB", (40, 40), (200, 10, 10)))
+
+
+def image_messages(question: str = "what colour is the square?", url: str = IMAGE_URL) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, micro_model_dir, monkeypatch_module):
+    from ray import serve
+
+    from serve.app import start
+
+    monkeypatch_module.setenv(API_KEY_ENV, API_KEY)
+    config = validate_config(
+        {
+            "models": {"teachers": [{"name": "teacher", "model": str(micro_model_dir)}], "student": str(micro_model_dir)},
+            "mask": {"max_mask_ratio": 0.2, "mask_step": 0.1},
+            "serve": {
+                "port": free_port(),
+                "api_key_env": API_KEY_ENV,
+                "num_cpus": 0.5,
+                "max_batch_size": 8,
+                "max_queued_requests": 32,
+                "max_n": 8,
+                "max_tokens_limit": 64,
+                "max_image_bytes": 50_000,
+                "max_image_pixels": 64 * 64,
+            },
+        }
+    )
+    paths = {"teacher": micro_model_dir, "student": micro_model_dir}
+    try:
+        base_url = start(config, paths)
+        yield config, base_url
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    patch = pytest.MonkeyPatch()
+    yield patch
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return openai.OpenAI(base_url=service[1], api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def post(service, path: str, body, token: str | None = API_KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(service[1] + path, content=content, headers=headers, timeout=60)
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def test_models_lists_every_level_and_the_student(client):
+    ids = [model.id for model in client.models.list().data]
+    assert ids == ["teacher@0.2", "teacher@0.1", "teacher@0", "student"]
+
+
+def test_chat_with_an_image(client):
+    response = client.chat.completions.create(model="teacher@0.1", messages=image_messages(), max_tokens=6)
+    choice = response.choices[0]
+    assert response.model == "teacher@0.1" and len(response.choices) == 1
+    assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+    assert 1 <= len(choice.token_ids) <= 6
+    assert response.usage.completion_tokens == len(choice.token_ids)
+    assert response.usage.prompt_tokens > 16  # the image alone expands to 16 tokens in the micro model
+
+
+def test_n_samples_with_logprobs(client):
+    response = client.chat.completions.create(
+        model="student", messages=image_messages(), n=4, max_tokens=8, temperature=1.0, logprobs=True, top_logprobs=3
+    )
+    assert [choice.index for choice in response.choices] == [0, 1, 2, 3]
+    assert len({tuple(choice.token_ids) for choice in response.choices}) > 1, "4 samples should not all coincide"
+    for choice in response.choices:
+        assert len(choice.logprobs.content) == len(choice.token_ids)
+        assert all(len(entry.top_logprobs) == 3 and entry.logprob <= 0 for entry in choice.logprobs.content)
+
+
+def test_seeded_requests_reproduce_whatever_they_are_batched_with(service, client):
+    def ask(seed, question="what colour is the square?"):
+        response = client.chat.completions.create(
+            model="teacher@0", messages=image_messages(question), n=2, max_tokens=8, seed=seed,
+            extra_body={"top_k": 20, "repetition_penalty": 1.1},
+        )  # fmt: skip
+        return [choice.token_ids for choice in response.choices]
+
+    alone = ask(seed=11)
+    # The same request again, now racing unseeded requests for a place in the same batches.
+    with ThreadPoolExecutor(8) as pool:
+        noise = [pool.submit(ask, None, "how many shapes are there? " * k) for k in range(1, 7)]
+        crowded = [pool.submit(ask, 11) for _ in range(2)]
+        results = [future.result() for future in crowded]
+        [future.result() for future in noise]
+    assert results == [alone, alone]
+    assert ask(seed=12) != alone
+
+
+def score(service, model: str, response_token_ids: list[int], top_k: int = 5) -> dict:
+    body = {"model": model, "items": [{"messages": image_messages(), "response_token_ids": response_token_ids}], "top_k": top_k}
+    reply = post(service, "/score", body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["data"][0]
+
+
+@pytest.fixture(scope="module")
+def direct_model(micro_model_dir):
+    return load_model(micro_model_dir)
+
+
+def direct_logprobs(direct_model, response_token_ids: list[int]) -> torch.Tensor:
+    model, processor = direct_model
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the square?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    image = Image.open(io.BytesIO(base64.b64decode(IMAGE_URL.partition(",")[2]))).convert("RGB")
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([response_token_ids])], dim=1)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
+    return logits.float().log_softmax(-1)[0, inputs["input_ids"].shape[1] - 1 : -1]
+
+
+def test_score_equals_a_direct_transformers_forward(service, direct_model):
+    response = [40, 41, 42, 43, 44, 45]
+    scored = score(service, "teacher@0", response, top_k=8)
+    reference = direct_logprobs(direct_model, response)
+    top = reference.topk(8)
+    assert scored["token_ids"] == response
+    assert scored["top_ids"] == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor(scored["top_logprobs"])[:, 0], top.values[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(scored["logprobs"]), reference.gather(-1, torch.tensor(response)[:, None])[:, 0], atol=1e-5, rtol=0
+    )
+    tail = 1 - torch.tensor(scored["top_logprobs"], dtype=torch.float64).exp().sum(-1)
+    torch.testing.assert_close(torch.tensor(scored["tail_mass"], dtype=torch.float64), tail.clamp_min(0))
+
+
+def test_score_accepts_response_text(service):
+    body = {"model": "student", "items": [{"messages": image_messages(), "response": "red"}] * 2}
+    reply = post(service, "/score", body)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert data[0]["token_ids"] == data[1]["token_ids"] and len(data[0]["top_ids"][0]) == 64  # generation.teacher_topk
+
+
+def test_level_switches_change_outputs_and_level_zero_is_the_unmasked_model(service, client, direct_model):
+    response = [40, 41, 42, 43]
+    dense = score(service, "teacher@0", response)
+    by_level = {mid: score(service, mid, response)["logprobs"] for mid in TEACHER_IDS}
+    assert len({tuple(logprobs) for logprobs in by_level.values()}) == len(TEACHER_IDS)
+    # The same seed draws the same random numbers at every level, so only the weights differ.
+    seeded = {"messages": image_messages(), "n": 4, "max_tokens": 16, "seed": 5}
+    samples = {mid: client.chat.completions.create(model=mid, **seeded).choices for mid in ("teacher@0.2", "teacher@0")}
+    assert [c.token_ids for c in samples["teacher@0.2"]] != [c.token_ids for c in samples["teacher@0"]]
+    back = score(service, "teacher@0.0", response)  # another spelling of the same level
+    assert back == dense, "level 0 after a switch must reproduce the dense logits exactly"
+    reference = direct_logprobs(direct_model, response)
+    assert torch.equal(torch.tensor(back["logprobs"]), reference.gather(-1, torch.tensor(response)[:, None])[:, 0])
+    health = httpx.get(service[1].removesuffix("/v1") + "/health", timeout=30).json()
+    assert health["status"] == "ok"
+    assert health["models"]["teacher"]["level_switches"] >= 2 and health["models"]["teacher"]["last_switch_s"] > 0
+
+
+def test_in_cluster_handle_takes_the_same_payloads(service):
+    from serve.api import ChatCompletionRequest, ScoreRequest
+    from serve.app import model_handle
+
+    config = service[0]
+    request = ChatCompletionRequest.model_validate(
+        {"model": "teacher@0.1", "messages": image_messages(), "n": 2, "max_tokens": 4, "seed": 3}
+    )
+    result = model_handle(config, "teacher@0.1").generate.remote(request).result(timeout_s=60)
+    assert len(result.choices) == 2
+    scores = model_handle(config, "teacher@0.1").score.remote(
+        ScoreRequest.model_validate(
+            {"model": "teacher@0.1", "items": [{"messages": image_messages(), "response_token_ids": result.choices[0].token_ids}]}
+        )
+    ).result(timeout_s=60)
+    assert scores.data[0].token_ids == result.choices[0].token_ids
+
+
+# --------------------------------------------------------------------------- bad input and load
+
+
+def chat(**fields) -> dict:
+    return {"model": "teacher@0", "messages": image_messages(), "max_tokens": 2} | fields
+
+
+BOMB = png_data_url(Image.new("RGB", (400, 400)))  # ~1 KB of PNG, 160k pixels
+NOT_AN_IMAGE = "data:image/png;base64," + base64.b64encode(b"definitely not a png").decode()
+TOO_MANY_BYTES = "data:image/png;base64," + "A" * 80_000
+
+BAD_REQUESTS = {
+    "malformed json": ("/chat/completions", '{"model": "teacher@0", "messages": [', 400, "not valid JSON"),
+    "missing messages": ("/chat/completions", {"model": "teacher@0"}, 400, "messages"),
+    "n of the wrong type": ("/chat/completions", chat(n="4"), 400, "n:"),
+    "unknown field": ("/chat/completions", chat(frequency_pen=1), 400, "frequency_pen"),
+    "unknown model": ("/chat/completions", chat(model="gpt-4"), 404, "teacher@0.2"),
+    "level outside schedule": ("/chat/completions", chat(model="teacher@0.15"), 404, "valid model ids"),
+    "undecodable image": ("/chat/completions", chat(messages=image_messages(url=NOT_AN_IMAGE)), 400, "decoded"),
+    "oversized image": ("/chat/completions", chat(messages=image_messages(url=TOO_MANY_BYTES)), 400, "max_image_bytes"),
+    "decompression bomb": ("/chat/completions", chat(messages=image_messages(url=BOMB)), 400, "max_image_pixels"),
+    "remote image": ("/chat/completions", chat(messages=image_messages(url="http://x/y.png")), 400, "data URL"),
+    "local image disabled": ("/chat/completions", chat(messages=image_messages(url="/etc/hosts")), 400, "allow_local_images"),
+    "prompt beyond context": ("/chat/completions", chat(messages=image_messages("red " * 600)), 400, "context"),
+    "n beyond max_n": ("/chat/completions", chat(n=9), 400, "max_n"),
+    "max_tokens beyond limit": ("/chat/completions", chat(max_tokens=65), 400, "max_tokens_limit"),
+    "streaming": ("/chat/completions", chat(stream=True), 400, "stream"),
+    "score both responses": (
+        "/score",
+        {"model": "teacher@0", "items": [{"messages": image_messages(), "response": "a", "response_token_ids": [1]}]},
+        400,
+        "exactly one",
+    ),
+    "score token outside vocab": (
+        "/score",
+        {"model": "teacher@0", "items": [{"messages": image_messages(), "response_token_ids": [10**6]}]},
+        400,
+        "outside the vocabulary",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_an_openai_style_4xx(service, case):
+    path, body, status, fragment = BAD_REQUESTS[case]
+    reply = post(service, path, body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"]
+
+
+@pytest.mark.parametrize("token", [None, "wrong-key"])
+def test_missing_or_wrong_token_is_401(service, token):
+    reply = post(service, "/chat/completions", chat(), token=token)
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(service[1] + "/models", timeout=30).status_code == 401
+
+
+def test_unknown_routes_get_an_openai_style_404(service):
+    reply = httpx.get(service[1] + "/completions", timeout=30)
+    assert reply.status_code == 404 and "/v1/completions" in reply.json()["error"]["message"]
+
+
+def test_the_openai_client_sees_4xx_as_its_own_errors(client):
+    with pytest.raises(openai.NotFoundError, match="valid model ids"):
+        client.chat.completions.create(model="teacher@0.5", messages=image_messages())
+    with pytest.raises(openai.BadRequestError, match="max_n"):
+        client.chat.completions.create(model="teacher@0", messages=image_messages(), n=20)
+
+
+def test_32_concurrent_clients_are_all_answered(service):
+    def ask(index: int) -> int:
+        client = openai.OpenAI(base_url=service[1], api_key=API_KEY, max_retries=0, timeout=120)
+        response = client.chat.completions.create(
+            model=TEACHER_IDS[index % 3], messages=image_messages(f"question {index}?"), max_tokens=4
+        )
+        return len(response.choices)
+
+    with ThreadPoolExecutor(32) as pool:
+        assert list(pool.map(ask, range(32))) == [1] * 32
+
+
+def test_overload_answers_503_and_the_service_recovers(service, client):
+    async def flood() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200)
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as http:
+            body = chat(model="student", n=4, max_tokens=48)
+            return await asyncio.gather(*(http.post(service[1] + "/chat/completions", json=body) for _ in range(128)))
+
+    replies = asyncio.run(flood())
+    statuses = [reply.status_code for reply in replies]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and 200 in statuses
+    rejected = next(reply for reply in replies if reply.status_code == 503)
+    assert rejected.json()["error"]["code"] == "overloaded"
+    response = client.chat.completions.create(model="student", messages=image_messages(), max_tokens=2)
+    assert len(response.choices) == 1
