@@ -234,14 +234,13 @@ def prepare_run_dir(config: MastersConfig, plan: list[Stage]) -> Path:
 
 def resolve_models(config: MastersConfig) -> dict[str, Path]:
     """Model directories by served name (teachers and `student`), building the zoo if a `zoo:` ref needs it."""
-    from masters.zoo import ZOO_PREFIX, ensure_zoo, load_zoo_config, resolve_model
-    from serve.app import STUDENT
+    from masters.zoo import ZOO_PREFIX, ensure_zoo, load_zoo_config
+    from serve.app import resolve_model_paths
 
-    refs = {teacher.name: teacher.model for teacher in config.models.teachers} | {STUDENT: config.models.student}
-    zoo_config = load_zoo_config(config.models.zoo_config)
-    if any(ref.startswith(ZOO_PREFIX) for ref in refs.values()):
-        ensure_zoo(zoo_config, config.models.zoo_dir)
-    return {name: resolve_model(ref, config.models.zoo_dir, zoo_config) for name, ref in refs.items()}
+    refs = [teacher.model for teacher in config.models.teachers] + [config.models.student]
+    if any(ref.startswith(ZOO_PREFIX) for ref in refs):
+        ensure_zoo(load_zoo_config(config.models.zoo_config), config.models.zoo_dir)
+    return resolve_model_paths(config)
 
 
 def check_tokenizers(model_paths: dict[str, Path]) -> None:

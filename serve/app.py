@@ -357,7 +357,7 @@ class Gateway:
 def _deployment_options(config: MastersConfig) -> dict:
     limits = config.serve
     options = {
-        "ray_actor_options": {"num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus},
+        "ray_actor_options": {"num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus, "resources": limits.resources},
         # One batch running and the next one filling; the rest wait in the caller's bounded queue.
         "max_ongoing_requests": 2 * limits.max_batch_size,
         "max_queued_requests": limits.max_queued_requests,
@@ -408,10 +408,11 @@ def build_app(config: MastersConfig, model_paths: dict[str, Path]) -> serve.Appl
 
 def resolve_model_paths(config: MastersConfig) -> dict[str, Path]:
     """Directories of every teacher and the student; `zoo:` refs resolve inside `models.zoo_dir`."""
-    from masters.zoo import resolve_model
+    from masters.zoo import load_zoo_config, resolve_model
 
     refs = {t.name: t.model for t in config.models.teachers} | {STUDENT: config.models.student}
-    return {name: resolve_model(ref, config.models.zoo_dir) for name, ref in refs.items()}
+    zoo_config = load_zoo_config(config.models.zoo_config)
+    return {name: resolve_model(ref, config.models.zoo_dir, zoo_config) for name, ref in refs.items()}
 
 
 def start(config: MastersConfig, model_paths: dict[str, Path] | None = None) -> str:
