@@ -24,7 +24,7 @@ def _evaluate_task(model_dir: str, model_name: str, split: str, size: int, seed:
 def evaluate_models(config: MastersConfig, models: dict[str, Path], split: str, size: int) -> dict[str, dict]:
     """Greedy accuracy of each model on `split`, evaluated in parallel Ray tasks; keyed like `models`."""
     device = "cuda" if config.train.use_gpu else "cpu"
-    options = {"num_gpus": 1} if config.train.use_gpu else {"num_cpus": 0.5}
+    options = {"num_gpus": 1} if config.train.use_gpu else {"num_cpus": 0.25}
     futures = {
         name: _evaluate_task.options(**options).remote(
             str(path),

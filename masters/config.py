@@ -193,7 +193,9 @@ class TrainConfig(_Section):
     zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage when strategy is deepspeed.")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = Field(False, description="GPU workers with NCCL and bf16; CPU workers use gloo and float32.")
-    cpus_per_worker: float = Field(0.5, gt=0)
+    cpus_per_worker: float = Field(
+        0.25, gt=0, description="Logical CPUs per worker; small by default so Serve, rewards and Train fit on 2 cores."
+    )
     lr: float = Field(1e-6, gt=0, description="AdamW constant learning rate (paper: 1e-6 at 2B-8B; tiny models need more).")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0, description="Set explicitly: DeepSpeed would otherwise apply its own default.")
@@ -218,7 +220,7 @@ class ServeConfig(_Section):
     replicas: int = Field(1, ge=1, description="Replicas per model (ignored when autoscaling is set).")
     min_replicas: int | None = Field(None, ge=0, description="Set both min and max to autoscale replicas.")
     max_replicas: int | None = Field(None, ge=1)
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica.")
+    num_cpus: float = Field(0.25, gt=0, description="Logical CPUs per replica (small so every part fits on 2 cores).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM only.")
     max_batch_size: int = Field(16, ge=1, description="Requests batched into one generate call.")

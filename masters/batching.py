@@ -1,0 +1,223 @@
+"""Stage records → padded training tensors, and the deterministic split of a stage over workers.
+
+Row layout of a :class:`ResponseBatch` (one row per response, a question's G responses adjacent)::
+
+    input_ids   [pad … pad | prompt (image tokens expanded) | response | pad … pad]
+                 <-------- prompt_length columns --------->  <- T cols ->
+
+Prompts are left-padded to a common ``prompt_length`` P and responses right-padded to a common T, so
+the logits at column ``P - 1 + t`` predict response token ``t`` in every row. ``position_ids`` follow
+the attention mask, giving each token the position it had when the response was generated.
+The teacher's top-k ids and log-probs are stored per response token, so ``teacher_topk_*[:, t]`` is
+the teacher's distribution for that same prediction (the tail bucket is their complement, computed
+by :mod:`masters.losses`; the stored tail mass is not needed).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from masters.losses import MastersBatch
+from masters.records import StageRecord, check_schema, table_to_records
+
+# --------------------------------------------------------------------------- reading a stage
+
+
+class StageTable:
+    """The Parquet files of one stage directory, ordered by question id (independent of file layout).
+
+    Rows stay columnar (memory-mapped Arrow); :meth:`records` turns only the rows a worker trains on
+    into :class:`StageRecord` objects.
+    """
+
+    def __init__(self, stage_dir: str | Path):
+        stage_dir = Path(stage_dir)
+        # Files starting with "." or "_" are temp files of atomic writes or manifests, never data.
+        files = sorted(p for p in stage_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
+        if not files:
+            raise FileNotFoundError(
+                f"stage directory {str(stage_dir)!r} holds no *.parquet files; "
+                "run the generation pipeline for this stage first"
+            )
+        tables = []
+        for path in files:
+            table = pq.read_table(path, memory_map=True)
+            check_schema(table.schema)
+            tables.append(table)
+        self.table = pa.concat_tables(tables)
+        question_ids = self.table.column("question_id")
+        if pc.count_distinct(question_ids).as_py() != len(question_ids):
+            raise ValueError(f"stage directory {str(stage_dir)!r} holds a question id more than once")
+        self._order = pc.sort_indices(self.table, sort_keys=[("question_id", "ascending")])
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def records(self, positions: list[int]) -> list[StageRecord]:
+        """The records at `positions` of the question-id order."""
+        return table_to_records(self.table.take(self._order.take(positions)))
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which questions each worker trains on at each optimizer step.
+
+    Each epoch is a seeded permutation of the stage's questions cut into batches of
+    `questions_per_batch` (a trailing partial batch is dropped; the next epoch's permutation drops
+    different questions). Worker `rank` takes the `rank`-th contiguous slice of every batch and cuts
+    it into `grad_accum_steps` micro-batches. Every step's questions depend only on (seed, step), so a
+    resumed run sees exactly the batches an uninterrupted run would.
+    """
+
+    num_questions: int
+    questions_per_batch: int
+    world_size: int
+    grad_accum_steps: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        per_update = self.world_size * self.grad_accum_steps
+        if self.questions_per_batch % per_update:
+            raise ValueError(
+                f"train.questions_per_batch ({self.questions_per_batch}) must be a multiple of "
+                f"train.num_workers × train.grad_accum_steps ({self.world_size} × {self.grad_accum_steps}); "
+                "change one of them"
+            )
+        if self.num_questions < self.questions_per_batch:
+            raise ValueError(
+                f"the stage has {self.num_questions} questions, fewer than train.questions_per_batch "
+                f"({self.questions_per_batch}); lower train.questions_per_batch or give the stage more questions"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_questions // self.questions_per_batch
+
+    def batch_questions(self, step: int) -> list[int]:
+        """All questions of optimizer step `step` (0-based, counted across epochs)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_questions, generator=generator)
+        return order[index * self.questions_per_batch : (index + 1) * self.questions_per_batch].tolist()
+
+    def worker_micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Worker `rank`'s questions at `step`, as `grad_accum_steps` equal micro-batches."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the world of {self.world_size} workers")
+        per_worker = self.questions_per_batch // self.world_size
+        share = self.batch_questions(step)[rank * per_worker : (rank + 1) * per_worker]
+        per_micro = per_worker // self.grad_accum_steps
+        return [share[i : i + per_micro] for i in range(0, per_worker, per_micro)]
+
+
+# --------------------------------------------------------------------------- collation
+
+
+@dataclass
+class ResponseBatch:
+    """Model inputs of a micro-batch (B rows = all responses of its questions) and the loss targets.
+
+    ``targets`` is the :class:`~masters.losses.MastersBatch` of the response columns: its
+    ``target_ids`` [B, T] are the response tokens, so the student's logits at columns P - 1 … P + T - 2
+    (see :func:`masters.student_step.response_logits`) line up with it position for position.
+    """
+
+    input_ids: torch.Tensor  # [B, P + T] long
+    attention_mask: torch.Tensor  # [B, P + T] long
+    position_ids: torch.Tensor  # [B, P + T] long
+    pixel_values: torch.Tensor  # [B, 3, H, W], one copy of the question's image per response
+    prompt_length: int  # P
+    targets: MastersBatch
+
+    @property
+    def response_length(self) -> int:
+        return self.targets.target_ids.shape[1]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.targets.response_mask.sum())
+
+    def to(self, device: str | torch.device, pixel_dtype: torch.dtype = torch.float32) -> ResponseBatch:
+        return ResponseBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+            pixel_values=self.pixel_values.to(device, dtype=pixel_dtype),
+            prompt_length=self.prompt_length,
+            targets=self.targets.to(device),
+        )
+
+
+def decode_image(image_png: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(image_png)).convert("RGB")
+
+
+def collate_records(records: list[StageRecord], processor) -> ResponseBatch:
+    """Encode each question's prompt and image once (the processor's own template and image tokens),
+    then lay out one row per response as described in the module docstring."""
+    if not records:
+        raise ValueError("collate_records needs at least one record")
+    for record in records:
+        if not record.responses:
+            raise ValueError(f"question {record.question_id!r} has no responses; the stage records are incomplete")
+        for response in record.responses:
+            if not response.token_ids:
+                raise ValueError(f"question {record.question_id!r} has a response with no tokens (EOS is a token)")
+    topk = len(records[0].responses[0].teacher_topk_ids[0])
+    prompts = processor(
+        images=[decode_image(r.image_png) for r in records],
+        text=[r.prompt for r in records],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
+    rows = [(q, response) for q, record in enumerate(records) for response in record.responses]
+    num_rows = len(rows)
+    response_length = max(len(response.token_ids) for _, response in rows)
+    pad_id = processor.tokenizer.pad_token_id
+
+    response_ids = torch.full((num_rows, response_length), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((num_rows, response_length), dtype=torch.bool)
+    topk_ids = torch.zeros((num_rows, response_length, topk), dtype=torch.long)
+    topk_logprobs = torch.zeros((num_rows, response_length, topk), dtype=torch.float32)
+    for row, (q, response) in enumerate(rows):
+        length = len(response.token_ids)
+        ids = torch.tensor(response.teacher_topk_ids, dtype=torch.long)
+        if ids.shape != (length, topk):
+            raise ValueError(
+                f"question {records[q].question_id!r}: teacher top-k has shape {tuple(ids.shape)}, expected "
+                f"({length}, {topk}); every token of a stage needs the same k"
+            )
+        response_ids[row, :length] = torch.tensor(response.token_ids, dtype=torch.long)
+        response_mask[row, :length] = True
+        topk_ids[row, :length] = ids
+        topk_logprobs[row, :length] = torch.tensor(response.teacher_topk_logprobs, dtype=torch.float32)
+
+    group_index = torch.tensor([q for q, _ in rows], dtype=torch.long)
+    attention_mask = torch.cat([prompts["attention_mask"][group_index], response_mask.long()], dim=1)
+    return ResponseBatch(
+        input_ids=torch.cat([prompts["input_ids"][group_index], response_ids], dim=1),
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0),
+        pixel_values=prompts["pixel_values"][group_index],
+        prompt_length=prompts["input_ids"].shape[1],
+        targets=MastersBatch(
+            target_ids=response_ids,
+            response_mask=response_mask,
+            teacher_topk_ids=topk_ids,
+            teacher_topk_logprobs=topk_logprobs,
+            group_index=group_index,
+            accuracy_reward=torch.tensor([response.accuracy_reward for _, response in rows], dtype=torch.float32),
+        ),
+    )

@@ -1,0 +1,276 @@
+"""The tiny VLM family ("zoo"): a large teacher, a mid teacher and a weaker initial student, trained on the suite.
+
+Builds are cached under `<zoo_dir>/<key>/<role>/` in Hugging Face format, where `key` hashes the zoo
+config and the suite version. The whole `<key>/` directory (roles + manifest) is written to a temp
+directory and renamed into place at the end, so an interrupted build leaves nothing a reader uses.
+The rest of the system names models `zoo:<role>` (see `resolve_model`) or by any HF directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from masters.config import ConfigError, _format_validation_error
+from masters.data import SUITE_VERSION, make_split, text_corpus
+from masters.eval import evaluate
+from masters.io import atomic_directory, atomic_write_json
+from masters.models import ModelSize, build_model, build_processor, parameter_count, save_model, train_tokenizer
+from masters.sft import encode_examples, train_sft
+
+ROLES = ("teacher-l", "teacher-m", "student")
+MANIFEST = "manifest.json"
+ZOO_PREFIX = "zoo:"
+
+
+class RoleConfig(BaseModel):
+    """One model of the zoo: its shape and its training recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: ModelSize
+    steps: int = Field(ge=1, description="AdamW updates.")
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0, description="Peak learning rate (linear warm-up, then cosine to 10%).")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = Field(0, description="Initialisation and batch-order seed.")
+
+
+def _default_roles() -> dict[str, RoleConfig]:
+    # Tuned so the ladder teacher-l > teacher-m + 5 > student + 10 holds on the test split and the
+    # whole zoo builds in about a quarter of an hour on 2 CPU cores (docs/zoo.md).
+    return {
+        "teacher-l": RoleConfig(
+            size=ModelSize(
+                text_hidden_size=256,
+                text_layers=4,
+                text_heads=4,
+                text_intermediate_size=704,
+                vision_hidden_size=128,
+                vision_layers=3,
+                vision_heads=4,
+                vision_intermediate_size=256,
+                image_size=64,
+                patch_size=8,
+            ),
+            steps=600,
+            batch_size=32,
+            lr=1e-3,
+            warmup_steps=30,
+        ),
+        "teacher-m": RoleConfig(
+            size=ModelSize(
+                text_hidden_size=160,
+                text_layers=3,
+                text_heads=4,
+                text_intermediate_size=432,
+                vision_hidden_size=96,
+                vision_layers=2,
+                vision_heads=4,
+                vision_intermediate_size=192,
+                image_size=64,
+                patch_size=8,
+            ),
+            steps=400,
+            batch_size=32,
+            lr=1.5e-3,
+            warmup_steps=30,
+        ),
+        "student": RoleConfig(
+            size=ModelSize(
+                text_hidden_size=96,
+                text_layers=2,
+                text_heads=4,
+                text_intermediate_size=256,
+                vision_hidden_size=64,
+                vision_layers=2,
+                vision_heads=2,
+                vision_intermediate_size=128,
+                image_size=64,
+                patch_size=8,
+            ),
+            steps=150,
+            batch_size=32,
+            lr=2e-3,
+            warmup_steps=15,
+        ),
+    }
+
+
+class ZooConfig(BaseModel):
+    """What `build_zoo` trains; its hash (with the suite version) is the cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(0, description="Seed of the generated suite splits and of the tokenizer corpus.")
+    vocab_size: int = Field(512, ge=64, description="Size of the shared byte-level BPE vocabulary.")
+    tokenizer_corpus_size: int = Field(2000, ge=1, description="Suite texts the tokenizer is trained on.")
+    train_size: int = Field(4096, ge=1, description="Distinct training samples, rendered and tokenised once.")
+    val_size: int = Field(128, ge=1, description="Validation samples scored after each role's training.")
+    max_new_tokens: int = Field(16, ge=1, description="Answer length limit of the validation scoring.")
+    roles: dict[str, RoleConfig] = Field(default_factory=_default_roles)
+
+    @field_validator("roles")
+    @classmethod
+    def _all_roles(cls, roles: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
+        if set(roles) != set(ROLES):
+            missing, unknown = sorted(set(ROLES) - set(roles)), sorted(set(roles) - set(ROLES))
+            raise ValueError(f"must define exactly the roles {list(ROLES)} (missing: {missing}, unknown: {unknown})")
+        return roles
+
+
+def load_zoo_config(path: str | Path | None = None) -> ZooConfig:
+    """The zoo config from a YAML file (None: the built-in defaults, which configs/zoo.yaml spells out)."""
+    if path is None:
+        return ZooConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"zoo config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"zoo config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"zoo config file {str(path)!r} must hold a mapping, got {type(raw).__name__}")
+    try:
+        return ZooConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc).replace("invalid config", "invalid zoo config")) from None
+
+
+def zoo_key(config: ZooConfig) -> str:
+    """Hash of the config and the suite version: a change to either gives a new build directory."""
+    payload = json.dumps({"suite_version": SUITE_VERSION, "zoo": config.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def zoo_build_dir(config: ZooConfig, zoo_dir: str | Path) -> Path:
+    return Path(zoo_dir) / zoo_key(config)
+
+
+def read_manifest(config: ZooConfig, zoo_dir: str | Path) -> dict | None:
+    """The manifest of a complete build of `config`, or None when there is none."""
+    path = zoo_build_dir(config, zoo_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resolve_model(ref: str, zoo_dir: str | Path, zoo_config: ZooConfig | None = None) -> Path:
+    """The directory of `zoo:<role>` (in the build of `zoo_config`, default: the built-in config) or of a HF model."""
+    if not ref.startswith(ZOO_PREFIX):
+        path = Path(ref)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model {ref!r} is neither `zoo:<role>` (roles: {', '.join(ROLES)}) "
+                "nor a Hugging Face model directory (no config.json there)"
+            )
+        return path
+    role = ref.removeprefix(ZOO_PREFIX)
+    if role not in ROLES:
+        raise ValueError(f"unknown zoo role {role!r} in {ref!r}; known roles: {', '.join(ZOO_PREFIX + r for r in ROLES)}")
+    config = zoo_config or ZooConfig()
+    if read_manifest(config, zoo_dir) is None:
+        raise FileNotFoundError(
+            f"the zoo is not built in {str(zoo_dir)!r} (no complete build {zoo_key(config)}); "
+            f"run `python jobs/build_zoo.py --zoo-dir {zoo_dir}` (with the same --config) first"
+        )
+    return zoo_build_dir(config, zoo_dir) / role
+
+
+def ensure_zoo(zoo_config: ZooConfig, zoo_dir: str | Path, force: bool = False, progress: bool = True) -> dict[str, Path]:
+    """The role directories of the build of `zoo_config`, building it first when missing (or `force`)."""
+    if force or read_manifest(zoo_config, zoo_dir) is None:
+        build_zoo(zoo_config, zoo_dir, progress=progress)
+    return {role: zoo_build_dir(zoo_config, zoo_dir) / role for role in ROLES}
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def build_zoo(
+    config: ZooConfig,
+    zoo_dir: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train every role on the suite and write `<zoo_dir>/<key>/` atomically; returns the manifest."""
+    started = time.perf_counter()
+    log(f"building zoo {zoo_key(config)} (suite {SUITE_VERSION}) in {zoo_dir}")
+    tokenizer = train_tokenizer(text_corpus(seed=config.seed, size=config.tokenizer_corpus_size), config.vocab_size)
+    train_samples = make_split("train", config.train_size, seed=config.seed)
+    val_samples = make_split("val", config.val_size, seed=config.seed)
+    encoded_by_image_size = {}  # roles of equal image size share the pre-processed training set
+    summaries = {}
+    with atomic_directory(zoo_build_dir(config, zoo_dir)) as tmp:
+        # The student first: it is the quickest, so a broken setup shows early.
+        for role in reversed(ROLES):
+            role_config = config.roles[role]
+            role_started = time.perf_counter()
+            processor = build_processor(tokenizer, role_config.size)
+            if role_config.size.image_size not in encoded_by_image_size:
+                encoded_by_image_size[role_config.size.image_size] = encode_examples(
+                    processor,
+                    [s.image for s in train_samples],
+                    [s.question for s in train_samples],
+                    [s.answer for s in train_samples],
+                )
+            model = build_model(role_config.size, tokenizer, seed=role_config.seed)
+            result = train_sft(
+                model,
+                encoded_by_image_size[role_config.size.image_size],
+                pad_token_id=tokenizer.pad_token_id,
+                steps=role_config.steps,
+                batch_size=role_config.batch_size,
+                lr=role_config.lr,
+                warmup_steps=role_config.warmup_steps,
+                weight_decay=role_config.weight_decay,
+                seed=role_config.seed,
+                description=f"train {role}",
+                progress=progress,
+            )
+            val = evaluate(
+                model,
+                processor,
+                val_samples,
+                model_name=role,
+                split="val",
+                max_new_tokens=config.max_new_tokens,
+                progress=progress,
+            )
+            summary = {
+                "params": parameter_count(model),
+                "steps": result.steps,
+                "final_loss": round(result.final_loss, 4),
+                "val_accuracy": round(val.accuracy, 4),
+                "val_per_family": {family: round(score.accuracy, 4) for family, score in val.per_family.items()},
+                "train_seconds": round(result.seconds, 1),
+                "samples_per_second": round(result.samples_per_second, 1),
+                "seconds": round(time.perf_counter() - role_started, 1),
+            }
+            save_model(model, processor, tmp / role, metadata={"role": role, "zoo_key": zoo_key(config), **summary})
+            summaries[role] = summary
+            log(
+                f"{role:<9}  params {summary['params']:>10,}  steps {summary['steps']:>5}  "
+                f"final loss {summary['final_loss']:.3f}  val acc {100 * summary['val_accuracy']:5.1f}%  "
+                f"time {summary['seconds']:.0f} s ({summary['samples_per_second']:.0f} samples/s)"
+            )
+        manifest = {
+            "key": zoo_key(config),
+            "suite_version": SUITE_VERSION,
+            "config": config.model_dump(mode="json"),
+            "roles": {role: summaries[role] for role in ROLES},
+            "torch_threads": torch.get_num_threads(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "disk_bytes": _directory_bytes(tmp),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    log(f"zoo built in {manifest['seconds']:.0f} s, {manifest['disk_bytes'] / 2**20:.1f} MiB on disk")
+    return manifest

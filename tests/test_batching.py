@@ -1,0 +1,234 @@
+"""Batching: stage records → padded tensors, alignment of targets and teacher top-k, sharding."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from masters.batching import ShardPlan, StageTable, collate_records
+from masters.models import build_prompt, load_model
+from masters.records import Response, StageRecord, records_to_table
+from masters.student_step import response_logits
+
+QUESTIONS = ["Is there a red circle?", "How many squares are there?", "What color is the triangle?", "Count."]
+
+
+def synthetic_records(
+    processor, num_questions: int, group_size: int = 4, topk: int = 8, seed: int = 0, max_response_tokens: int = 6
+) -> list[StageRecord]:
+    """Deterministic stage records: random images, random response tokens (no special tokens), random
+    teacher top-k log-probs that leave some mass to the tail, random 0/1 accuracy rewards."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    vocab_size = len(processor.tokenizer)
+    first_plain_id = len(processor.tokenizer.all_special_ids)  # specials come first in the family's vocab
+    records = []
+    for q in range(num_questions):
+        pixels = bytes(rng.randrange(256) for _ in range(32 * 32 * 3))
+        png = io.BytesIO()
+        Image.frombytes("RGB", (32, 32), pixels).save(png, format="PNG")
+        question = QUESTIONS[q % len(QUESTIONS)] + " " * (q % 3)  # varied prompt lengths
+        responses = []
+        for j in range(group_size):
+            length = rng.randint(1, max_response_tokens)
+            token_ids = [rng.randrange(first_plain_id, vocab_size) for _ in range(length)]
+            topk_ids = [torch.randperm(vocab_size, generator=generator)[:topk].tolist() for _ in range(length)]
+            logprobs = torch.log_softmax(torch.randn(length, topk + 1, generator=generator) * 2, dim=-1)[:, :topk]
+            responses.append(
+                Response(
+                    source="teacher" if j < group_size // 2 else "student",
+                    text=f"answer {j}",
+                    token_ids=token_ids,
+                    accuracy_reward=float(rng.random() < 0.5),
+                    teacher_topk_ids=topk_ids,
+                    teacher_topk_logprobs=logprobs.tolist(),
+                    teacher_tail_mass=(1 - logprobs.exp().sum(-1)).tolist(),
+                )
+            )
+        records.append(
+            StageRecord(
+                question_id=f"q{q:04d}",
+                family="synthetic",
+                image_png=png.getvalue(),
+                question=question,
+                prompt=build_prompt(processor, question),
+                answer="yes",
+                teacher="teacher-l",
+                mask_ratio=0.1,
+                stage_index=1,
+                responses=responses,
+            )
+        )
+    return records
+
+
+def write_stage(records: list[StageRecord], stage_dir, files: int = 2) -> None:
+    """Split the records over several Parquet files in reverse order, as a pipeline might."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ordered = list(reversed(records))
+    for f in range(files):
+        pq.write_table(records_to_table(ordered[f::files]), stage_dir / f"part-{f:03d}.parquet")
+
+
+def with_responses(record: StageRecord, *responses: Response) -> StageRecord:
+    return StageRecord(**{**record.__dict__, "responses": list(responses)})
+
+
+@pytest.fixture(scope="module")
+def micro(micro_model_dir):
+    model, processor = load_model(micro_model_dir)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def records(micro):
+    return synthetic_records(micro[1], num_questions=6, group_size=4, topk=8, seed=1)
+
+
+def test_stage_table_reads_all_files_in_question_order(records, tmp_path):
+    write_stage(records, tmp_path / "stage", files=3)
+    (tmp_path / "stage" / ".part-9.parquet.tmp.parquet").write_bytes(b"half-written")  # never read
+    table = StageTable(tmp_path / "stage")
+    assert len(table) == len(records)
+    read = table.records([0, 5, 2])
+    assert [r.question_id for r in read] == ["q0000", "q0005", "q0002"]
+    assert read[1].responses[3].teacher_topk_ids == records[5].responses[3].teacher_topk_ids
+
+
+def test_stage_table_rejects_empty_and_duplicated_stages(records, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.parquet files"):
+        StageTable(tmp_path / "empty")
+    write_stage(records[:2] + records[:1], tmp_path / "dup", files=1)
+    with pytest.raises(ValueError, match="question id more than once"):
+        StageTable(tmp_path / "dup")
+
+
+def test_collate_aligns_responses_and_teacher_topk(micro, records):
+    _, processor = micro
+    batch = collate_records(records[:3], processor)
+    targets = batch.targets
+    P = batch.prompt_length
+    assert batch.input_ids.shape == (12, P + batch.response_length)
+    row = 0
+    for q, record in enumerate(records[:3]):
+        # The prompt columns hold exactly the processor's own encoding of this question, left-padded.
+        alone = processor(images=[Image.open(io.BytesIO(record.image_png))], text=[record.prompt], return_tensors="pt")
+        prompt_ids = alone["input_ids"][0]
+        for response in record.responses:
+            n = len(response.token_ids)
+            assert torch.equal(batch.input_ids[row, P - len(prompt_ids) : P], prompt_ids)
+            assert batch.attention_mask[row, : P - len(prompt_ids)].sum() == 0
+            assert batch.input_ids[row, P : P + n].tolist() == response.token_ids
+            assert targets.target_ids[row, :n].tolist() == response.token_ids
+            assert targets.response_mask[row].tolist() == [True] * n + [False] * (batch.response_length - n)
+            assert batch.attention_mask[row, P:].tolist() == [1] * n + [0] * (batch.response_length - n)
+            assert targets.teacher_topk_ids[row, :n].tolist() == response.teacher_topk_ids
+            assert torch.allclose(targets.teacher_topk_logprobs[row, :n], torch.tensor(response.teacher_topk_logprobs))
+            assert targets.group_index[row] == q
+            assert targets.accuracy_reward[row] == response.accuracy_reward
+            # Positions count real tokens only, as in left-padded generation.
+            real = batch.attention_mask[row].bool()
+            assert batch.position_ids[row, real].tolist() == list(range(int(real.sum())))
+            row += 1
+    assert torch.equal(batch.pixel_values[0], batch.pixel_values[3])  # one image per question, repeated per response
+
+
+def test_response_logits_predict_each_response_token(micro, records):
+    """Padded batch log-probs of every response token equal those of an unpadded forward of that row alone."""
+    model, processor = micro
+    batch = collate_records(records[:3], processor)
+    logits = response_logits(model, batch)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, batch.targets.target_ids.unsqueeze(-1)).squeeze(-1)
+    row = 0
+    for record in records[:3]:
+        for response in record.responses:
+            single = collate_records([with_responses(record, response)], processor)
+            assert single.prompt_length + single.response_length == single.input_ids.shape[1]
+            with torch.no_grad():
+                full = model(
+                    input_ids=single.input_ids, pixel_values=single.pixel_values, attention_mask=single.attention_mask
+                ).logits[0]
+            n = len(response.token_ids)
+            P = single.prompt_length
+            expected = torch.log_softmax(full[P - 1 : P - 1 + n], -1)[torch.arange(n), torch.tensor(response.token_ids)]
+            torch.testing.assert_close(logprobs[row, :n], expected, atol=1e-5, rtol=1e-5)
+            row += 1
+
+
+def test_loss_ignores_prompt_and_padding(micro, records):
+    """A question's per-response divergences D_j do not change when batched with longer prompts and responses."""
+    from masters.config import LossConfig, RewardConfig
+    from masters.student_step import student_loss
+
+    model, processor = micro
+    config = LossConfig(objective="mask_progressive")
+    vocab = len(processor.tokenizer)
+    with torch.no_grad():
+        alone = student_loss(model, None, collate_records(records[:1], processor), config, RewardConfig(), vocab)
+        mixed_batch = collate_records(records[:1] + records[1:4], processor)
+        assert mixed_batch.response_length > max(len(r.token_ids) for r in records[0].responses)
+        mixed = student_loss(model, None, mixed_batch, config, RewardConfig(), vocab)
+        # Garbage in padded target positions changes nothing either.
+        mask = mixed_batch.targets.response_mask
+        mixed_batch.targets.teacher_topk_logprobs[~mask] = 123.0
+        mixed_batch.targets.target_ids[~mask] = vocab + 5
+        garbage = student_loss(model, None, mixed_batch, config, RewardConfig(), vocab)
+    torch.testing.assert_close(mixed.divergence[:4], alone.divergence, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(garbage.divergence, mixed.divergence)
+
+
+def test_collate_rejects_ragged_topk(micro, records):
+    record = with_responses(records[0], records[0].responses[0])
+    short = Response(**{**record.responses[0].__dict__})
+    short.teacher_topk_ids = [ids[:4] for ids in short.teacher_topk_ids]
+    with pytest.raises(ValueError, match="every token of a stage needs the same k"):
+        collate_records([records[1], with_responses(record, short)], micro[1])
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def test_shards_are_disjoint_and_cover_each_epoch():
+    plan = ShardPlan(num_questions=24, questions_per_batch=8, world_size=2, grad_accum_steps=2, seed=3)
+    assert plan.steps_per_epoch == 3
+    for epoch in range(2):
+        seen = []
+        for step in range(epoch * 3, epoch * 3 + 3):
+            per_rank = [plan.worker_micro_batches(step, rank) for rank in range(2)]
+            assert all(len(micro) == 2 and all(len(m) == 2 for m in micro) for micro in per_rank)
+            step_questions = [q for micro in per_rank for m in micro for q in m]
+            assert sorted(step_questions) == sorted(plan.batch_questions(step))
+            seen += step_questions
+        assert sorted(seen) == list(range(24))  # complete and disjoint within the epoch
+    assert plan.batch_questions(0) != plan.batch_questions(3)  # each epoch reshuffles
+    # Deterministic: a fresh plan (a resumed run, another worker) gives the same batches.
+    again = ShardPlan(num_questions=24, questions_per_batch=8, world_size=2, grad_accum_steps=2, seed=3)
+    assert [again.worker_micro_batches(s, 1) for s in range(6)] == [plan.worker_micro_batches(s, 1) for s in range(6)]
+    other_seed = ShardPlan(num_questions=24, questions_per_batch=8, world_size=2, grad_accum_steps=2, seed=4)
+    assert other_seed.batch_questions(0) != plan.batch_questions(0)
+
+
+def test_partial_batch_is_dropped_per_epoch():
+    plan = ShardPlan(num_questions=10, questions_per_batch=4, world_size=2, grad_accum_steps=1, seed=0)
+    assert plan.steps_per_epoch == 2
+    used = plan.batch_questions(0) + plan.batch_questions(1)
+    assert len(set(used)) == 8 and set(used) <= set(range(10))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"questions_per_batch": 6, "world_size": 2, "grad_accum_steps": 2}, "multiple of train.num_workers"),
+        ({"num_questions": 3}, "fewer than train.questions_per_batch"),
+    ],
+)
+def test_shard_plan_rejects_bad_sizes(kwargs, message):
+    arguments = {"num_questions": 16, "questions_per_batch": 4, "world_size": 2, "grad_accum_steps": 1, "seed": 0}
+    with pytest.raises(ValueError, match=message):
+        ShardPlan(**{**arguments, **kwargs})
