@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 "stage %s (%s): %s records in %s%s",
                 stage.stage_id,
                 stage.model_id,
-                records.manifest.get("num_records"),
+                records.manifest["counts"]["records"],
                 records.directory,
                 " (already generated)" if records.skipped else "",
             )
@@ -290,6 +290,8 @@ def current_student(run_dir: Path, state: CurriculumState, initial: Path) -> Pat
 
 
 def summarize_stage(stage: Stage, trained, manifest: dict, val: dict) -> dict:
+    """One line of metrics.jsonl per stage: what the report plots."""
+
     def mean(key: str) -> float | None:
         values = [m[key] for m in trained.metrics if key in m]
         return sum(values) / len(values) if values else None
@@ -300,11 +302,11 @@ def summarize_stage(stage: Stage, trained, manifest: dict, val: dict) -> dict:
         "mask_ratio": stage.mask_ratio,
         "steps": trained.steps,
         "val_accuracy": val["accuracy"],
-        "mean_accuracy_reward": mean("mean_accuracy_reward"),
-        "mean_distill_reward": mean("mean_distill_reward"),
-        "mean_divergence": mean("mean_divergence"),
+        "mean_accuracy_reward": mean("accuracy_reward"),
+        "mean_distill_reward": mean("distill_reward"),
+        "mean_divergence": mean("divergence"),
         "loss": mean("loss"),
-        "records": manifest.get("num_records"),
+        "records": manifest["counts"]["records"],
     }
 
 

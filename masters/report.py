@@ -102,9 +102,12 @@ def write_report(
         "mask_schedule.png": plot_mask_schedule(stages, run_dir / "mask_schedule.png"),
         "families.png": plot_family_accuracy(test_results, families, run_dir / "families.png"),
     }
+    def number(value, digits: int) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
     stage_rows = "\n".join(
         f"| {m['stage_id']} | {m['mask_ratio']:.2f} | {m.get('steps', '–')} | {100 * m['val_accuracy']:.1f} | "
-        f"{m.get('mean_accuracy_reward', float('nan')):.3f} | {m.get('mean_divergence', float('nan')):.4f} |"
+        f"{number(m.get('mean_accuracy_reward'), 3)} | {number(m.get('mean_divergence'), 4)} |"
         for m in stage_metrics
     )
     lines = [
