@@ -1,6 +1,6 @@
 """Build the tiny VLM family (large teacher, mid teacher, initial student) on the generated suite.
 
-    .venv/bin/python jobs/build_zoo.py                      # built-in defaults (= configs/zoo.yaml)
+    .venv/bin/python jobs/build_zoo.py                      # built-in defaults (= configs/zoo/default.yaml)
     .venv/bin/python jobs/build_zoo.py --config my_zoo.yaml --zoo-dir /tmp/zoo
     .venv/bin/python jobs/build_zoo.py --force              # rebuild even if cached
 
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train and cache the tiny VLM zoo (teacher-l, teacher-m, student) on the generated VQA suite.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="Zoo config YAML (see configs/zoo.yaml); default: built-in defaults.")
+    parser.add_argument("--config", default=None, help="Zoo config YAML (see configs/zoo/default.yaml); default: built-in defaults.")
     parser.add_argument("--zoo-dir", default=".cache/zoo", help="Cache directory of zoo builds.")
     parser.add_argument("--force", action="store_true", help="Rebuild even when a complete build of this config exists.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")

@@ -128,7 +128,7 @@ class ZooConfig(BaseModel):
 
 
 def load_zoo_config(path: str | Path | None = None) -> ZooConfig:
-    """The zoo config from a YAML file (None: the built-in defaults, which configs/zoo.yaml spells out)."""
+    """The zoo config from a YAML file (None: the built-in defaults, which configs/zoo/default.yaml spells out)."""
     if path is None:
         return ZooConfig()
     path = Path(path)

@@ -36,7 +36,7 @@ def test_default_ladder_sizes():
 
 
 def test_configs_zoo_yaml_is_the_default():
-    assert load_zoo_config(REPO / "configs" / "zoo.yaml") == ZooConfig()
+    assert load_zoo_config(REPO / "configs" / "zoo" / "default.yaml") == ZooConfig()
 
 
 def test_zoo_config_errors_name_the_field(tmp_path):
@@ -144,3 +144,8 @@ def test_build_zoo_job_builds_then_hits_the_cache(tmp_path):
     config_path.write_text(yaml.safe_dump({"roles": {"student": {"steps": 1}}}))
     bad = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "invalid zoo config" in bad.stderr and "roles" in bad.stderr
+
+
+def test_micro_zoo_config_loads():
+    config = load_zoo_config(REPO / "configs" / "zoo" / "micro.yaml")
+    assert config.roles["student"].steps < config.roles["teacher-l"].steps
