@@ -22,7 +22,8 @@ from masters.config import MastersConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 RAY_CLUSTER = ROOT / "ray_cluster.yaml"
 RAYJOB = ROOT / "deploy" / "kuberay-rayjob.yaml"
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# Run configs; configs/zoo/ holds zoo configs (masters.zoo.ZooConfig), tested in test_zoo.py.
+CONFIGS = sorted(path for path in (ROOT / "configs").rglob("*.yaml") if "zoo" not in path.relative_to(ROOT / "configs").parts[:-1])
 # Real-model recipes: the top-level configs that serve with vLLM (ablations run on the embedded default).
 RECIPES = [path for path in sorted((ROOT / "configs").glob("*.yaml")) if load_config(path).serve.engine == "vllm"]
 PART_RESOURCES = {"teacher_node", "trainer_node", "reward_node"}
