@@ -1,0 +1,277 @@
+"""Groups per second through one stage: the Ray Data pipeline against a single-process loop.
+
+    .venv/bin/python benchmarks/pipeline.py               # 1,024 questions, the paper's group shape
+    .venv/bin/python benchmarks/pipeline.py --questions 64  # a quick look
+
+Both sides do the same work with the micro model (briefly trained on the suite, so its samples are
+answers) as teacher and student: `teacher_responses` = 8 samples of 16 tokens per question from the
+teacher at mask ratio 0.1, the first 4 joined with 4 stored student responses, the teacher's top-64
+log-probs on every response token, rule-based R_acc, and Parquet output. The baseline runs the same
+engine code (`serve.engine.TransformersEngine`) in this process, one engine batch after another; the
+pipeline runs `cluster.pipeline.run_stage` against the Serve app (two replicas per model) with two
+reward actors. The student responses are generated once beforehand and shared (not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and benchmarks/serve.py would shadow the
+# `serve` package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEACHER = "teacher-micro"
+MASK_RATIO = 0.1
+
+
+def build_micro_model(directory: Path, sft_steps: int) -> Path:
+    """The micro model, briefly trained on the suite so that its samples are answers: an untrained
+    model samples any token, the image placeholder included, which the engine cannot score."""
+    from masters.data import make_split, text_corpus
+    from masters.models import MICRO, build_model, build_processor, save_model, train_tokenizer
+    from masters.sft import encode_examples, train_sft
+
+    tokenizer = train_tokenizer(text_corpus(seed=0, size=500), vocab_size=384)
+    processor = build_processor(tokenizer, MICRO)
+    model = build_model(MICRO, tokenizer, seed=0)
+    train = make_split("train", 2048, seed=1)  # another seed than the benchmark's questions
+    examples = encode_examples(processor, [s.image for s in train], [s.question for s in train], [s.answer for s in train])
+    train_sft(model, examples, pad_token_id=tokenizer.pad_token_id, steps=sft_steps, batch_size=32, lr=3e-3,
+              warmup_steps=10, progress=False)
+    return save_model(model, processor, directory / "micro")
+
+
+def make_config(work: Path, model_dir: Path, questions: int, port: int):
+    from masters.config import validate_config
+
+    return validate_config(
+        {
+            "name": "bench",
+            "storage_path": str(work / "runs"),
+            "models": {"teachers": [{"name": TEACHER, "model": str(model_dir)}], "student": str(model_dir)},
+            "mask": {"max_mask_ratio": 0.2, "mask_step": 0.1},
+            "generation": {"teacher_topk": 64},  # paper's shape: 8 samples, groups of 4 + 4, 16 new tokens
+            "rewards": {"actors": 2, "actor_num_cpus": 0.2, "batch_size": 8},
+            "serve": {"port": port, "replicas": 2, "num_cpus": 0.3, "max_batch_size": 16},
+            "data": {"train_size": questions},
+        }
+    )
+
+
+def stage_of(config, questions: int):
+    from masters.curriculum import Stage
+
+    return Stage(
+        index=0,
+        teacher=TEACHER,
+        teacher_model=config.models.teachers[0].model,
+        teacher_stage=1,
+        mask_ratio=MASK_RATIO,
+        question_indices=tuple(range(questions)),
+        optimizer_steps=1,
+    )
+
+
+def single_process_stage(config, model_dir: Path, samples, student_groups: dict, out: Path, threads: int) -> dict[str, float]:
+    """The same stage as one loop in this process with `threads` torch threads; returns seconds per step."""
+    import pyarrow as pa
+    import torch
+
+    torch.set_num_threads(threads)
+
+    from cluster.pipeline import image_messages, request_seed
+    from masters.data.export import png_bytes
+    from masters.models import build_prompt
+    from masters.records import STAGE_SCHEMA
+    from masters.rewards import rule_accuracy
+    from serve.api import ChatMessage
+    from serve.engine import Sampling, TransformersEngine, chat_prompt
+    from serve.levels import model_id
+
+    times = dict.fromkeys(["load", "encode", "generate", "score", "rewards", "write"], 0.0)
+    clock = time.perf_counter()
+    engine = TransformersEngine(model_dir, config.mask.ratios, config.mask.scope)
+    engine.set_mask_ratio(MASK_RATIO)
+    times["load"] = time.perf_counter() - clock
+    generation, sampling = config.generation, config.generation.sampling
+    model = model_id(TEACHER, MASK_RATIO)
+    batch_size = config.serve.max_batch_size
+    records = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        clock = time.perf_counter()
+        images = [png_bytes(sample.image) for sample in chunk]
+        prompts = [
+            engine.encode_chat(
+                chat_prompt([ChatMessage.model_validate(m) for m in image_messages(image, s.question)], config.serve)
+            )
+            for image, s in zip(images, chunk)
+        ]
+        times["encode"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        completions = engine.generate(
+            [
+                (
+                    prompt,
+                    Sampling(
+                        n=generation.teacher_responses,
+                        max_tokens=sampling.max_new_tokens,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        top_k=sampling.top_k,
+                        repetition_penalty=sampling.repetition_penalty,
+                        seed=request_seed(generation.seed, model, sample.id),
+                    ),
+                )
+                for prompt, sample in zip(prompts, chunk)
+            ]
+        )
+        times["generate"] += time.perf_counter() - clock
+        groups = [
+            [{"source": "teacher", "text": c.text, "token_ids": c.token_ids} for c in sampled[: generation.group_teacher]]
+            + student_groups[sample.id]
+            for sampled, sample in zip(completions, chunk)
+        ]
+        clock = time.perf_counter()
+        # One engine batch holds at most max_batch_size items, as a Serve replica's does.
+        items = [(prompt, r["token_ids"], generation.teacher_topk) for prompt, group in zip(prompts, groups) for r in group]
+        scores = []
+        for offset in range(0, len(items), batch_size):
+            scores += engine.score(items[offset : offset + batch_size])
+        times["score"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        scored = iter(scores)
+        for sample, image, group in zip(chunk, images, groups):
+            responses = []
+            for response in group:
+                score = next(scored)
+                responses.append(
+                    {
+                        **response,
+                        "accuracy_reward": rule_accuracy(response["text"], sample.answer, config.rewards.judge.numeric_tolerance),
+                        "teacher_topk_ids": score.top_ids,
+                        "teacher_topk_logprobs": score.top_logprobs,
+                        "teacher_tail_mass": score.tail_mass,
+                    }
+                )
+            records.append(
+                {
+                    "question_id": sample.id,
+                    "family": sample.family,
+                    "image_png": image,
+                    "question": sample.question,
+                    "prompt": build_prompt(engine.processor, sample.question),
+                    "answer": sample.answer,
+                    "teacher": TEACHER,
+                    "mask_ratio": MASK_RATIO,
+                    "stage_index": 1,
+                    "responses": responses,
+                }
+            )
+        times["rewards"] += time.perf_counter() - clock
+    clock = time.perf_counter()
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records, schema=STAGE_SCHEMA), out)
+    times["write"] = time.perf_counter() - clock
+    return times
+
+
+def operator_times(stats: str) -> list[str]:
+    """The per-operator wall-time lines of a Ray Data stats summary."""
+    lines, operator = [], None
+    for line in stats.splitlines():
+        if line.startswith("Operator"):
+            operator = line.split(":")[0].removeprefix("Operator ").strip()
+        elif operator and "Remote wall time" in line:
+            lines.append(f"{operator}: {line.strip()}")
+            operator = None
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=1024)
+    parser.add_argument("--sft-steps", type=int, default=200, help="training steps of the micro model (not timed)")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from cluster.pipeline import ServiceAddress, generate_student_responses, run_stage
+    from cluster.stage_store import read_parts, student_responses_dir
+    from masters.data import make_split
+    from masters.models import load_model
+    from serve.app import start
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    model_dir = build_micro_model(work, args.sft_steps)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = make_config(work, model_dir, args.questions, port)
+    samples = make_split("train", args.questions, config.data.seed)
+    run_dir = work / "runs" / "bench"
+    _, processor = load_model(model_dir)
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        clock = time.perf_counter()
+        start(config, {TEACHER: model_dir, "student": model_dir})
+        deploy_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        generate_student_responses(config, samples, run_dir, ServiceAddress(), processor)
+        student_s = time.perf_counter() - clock
+        stored = read_parts(student_responses_dir(run_dir)).to_pylist()
+        student_groups = {row["question_id"]: row["responses"][: config.generation.group_student] for row in stored}
+
+        clock = time.perf_counter()
+        result = run_stage(config, stage_of(config, args.questions), samples, run_dir, ServiceAddress(), processor)
+        pipeline_s = time.perf_counter() - clock
+        assert not result.skipped and result.manifest["counts"]["records"] == args.questions
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    # The baselines run after Ray is gone, so they have both cores to themselves. Torch's intra-op
+    # threads help little with a model this small and hurt when other processes share the cores, so
+    # the loop is timed with 1 and with 2 threads and the faster one is the baseline.
+    loops = {
+        threads: single_process_stage(config, model_dir, samples, student_groups, work / "baseline.parquet", threads)
+        for threads in (1, 2)
+    }
+    best = min(loops, key=lambda threads: sum(loops[threads].values()))
+    baseline_s = sum(loops[best].values())
+
+    groups = args.questions
+    print(f"\nstage of {groups} questions, groups of {config.generation.group_size} "
+          f"({config.generation.teacher_responses} teacher samples each), top-k {config.generation.teacher_topk}, "
+          f"{platform.node()} with {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"(not timed: Serve deploy {deploy_s:.1f}s, student responses {student_s:.1f}s)\n")
+    print(f"{'path':34s} {'seconds':>9s} {'groups/s':>9s} {'ratio':>7s}")
+    for threads, steps in loops.items():
+        seconds = sum(steps.values())
+        name = f"single-process loop, {threads} thread{'s' if threads > 1 else ''}"
+        print(f"{name:34s} {seconds:9.1f} {groups / seconds:9.2f} {baseline_s / seconds:7.2f}")
+    print(f"{'Ray Data pipeline (run_stage)':34s} {pipeline_s:9.1f} {groups / pipeline_s:9.2f} {baseline_s / pipeline_s:7.2f}")
+    print(f"\nsingle-process loop ({best} thread(s)), seconds per step:")
+    for name, seconds in loops[best].items():
+        print(f"  {name:10s} {seconds:8.1f}  ({100 * seconds / baseline_s:4.1f}%)")
+    print("\npipeline, Ray Data operators (remote wall time summed over tasks, overlapping):")
+    for line in operator_times(result.execution_stats):
+        print(f"  {line}")
+
+
+if __name__ == "__main__":
+    main()

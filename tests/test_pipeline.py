@@ -1,0 +1,431 @@
+"""The generation and reward pipeline: the judge over HTTP, Serve handles vs HTTP, full stages on the
+micro model, skip/redo, judge failure policies, the naive baseline and a reward actor killed mid-stage.
+
+One Serve instance serves the module: the teacher service (micro model as teacher and student) and a
+scripted OpenAI-style judge whose model id picks its behaviour.
+"""
+
+import json
+import socket
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.judge import JudgeClient, JudgeError
+from cluster.pipeline import ServiceAddress, StageFailedError, generate_student_responses, run_stage
+from cluster.stage_store import MANIFEST, read_parts, stage_dir, student_responses_dir
+from jobs import inspect_stage
+from masters.config import validate_config
+from masters.curriculum import plan_curriculum
+from masters.data import make_split
+from masters.records import table_to_records
+
+pytestmark = pytest.mark.timeout(300)
+
+TEACHER = "teacher-micro"
+QUESTIONS = 12
+JUDGE_ROUTE = "/scripted-judge"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _scripted_judge():
+    """An OpenAI-style chat route whose replies follow a script named by the request's `model`.
+
+    good: reasons, then `<answer>1</answer>` when the response equals the ground truth, else 0.
+    bare: an unreadable first reply; the follow-up gets a bare "1".
+    flaky: every conversation's first request gets a 503, the retry is answered like `good`.
+    broken: always HTTP 500.
+    mute: never a readable score, not even on the follow-up.
+    rejects: HTTP 400 (a client error: not retried).
+    breaks-on:<answer>: like `good`, but HTTP 500 whenever the ground truth is <answer>.
+    slow: like `good` after 50 ms (lets a test act while a stage is in flight).
+    """
+    import asyncio
+    import re
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    app = FastAPI()
+
+    def tag(text: str, name: str) -> str:
+        return re.search(rf"<{name}>\n(.*?)\n</{name}>", text, re.DOTALL).group(1)
+
+    def completion(text: str) -> JSONResponse:
+        return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+    @serve.ingress(app)
+    class ScriptedJudge:
+        def __init__(self):
+            self.seen: set[str] = set()
+            self.requests = 0
+
+        @app.get("/requests")
+        async def count(self) -> JSONResponse:
+            return JSONResponse({"requests": self.requests})
+
+        @app.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> JSONResponse:
+            self.requests += 1
+            body = await request.json()
+            script, messages = body["model"], body["messages"]
+            prompt = messages[1]["content"]
+            truth, response = tag(prompt, "ground_truth"), tag(prompt, "response")
+            verdict = f"Compared the two. <answer>{int(truth.strip().lower() == response.strip().lower())}</answer>"
+            follow_up = len(messages) > 2
+            if script == "good":
+                return completion(verdict)
+            if script == "slow":
+                await asyncio.sleep(0.05)
+                return completion(verdict)
+            if script == "bare":
+                return completion("1" if follow_up else "It looks right to me.")
+            if script == "flaky":
+                key = json.dumps(messages)
+                if key not in self.seen:
+                    self.seen.add(key)
+                    return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+                return completion(verdict)
+            if script == "broken":
+                return JSONResponse({"error": {"message": "internal"}}, status_code=500)
+            if script == "mute":
+                return completion("I cannot decide.")
+            if script == "rejects":
+                return JSONResponse({"error": {"message": "no such model"}}, status_code=400)
+            if script.startswith("breaks-on:"):
+                if truth.strip() == script.removeprefix("breaks-on:"):
+                    return JSONResponse({"error": {"message": "internal"}}, status_code=500)
+                return completion(verdict)
+            raise AssertionError(f"unknown script {script}")
+
+    return ScriptedJudge.bind()
+
+
+def _config(tmp_path, port: int, model_dir, **sections):
+    raw = {
+        "name": "pipe",
+        "storage_path": str(tmp_path),
+        "models": {"teachers": [{"name": TEACHER, "model": str(model_dir)}], "student": str(model_dir)},
+        "mask": {"max_mask_ratio": 0.05, "mask_step": 0.05},
+        "generation": {
+            "teacher_responses": 3,
+            "student_responses": 2,
+            "group_teacher": 2,
+            "group_student": 2,
+            "teacher_topk": 8,
+            "sampling": {"max_new_tokens": 5},
+        },
+        "rewards": {"actors": 1, "batch_size": 3, "actor_num_cpus": 0.25},
+        "serve": {"port": port, "num_cpus": 0.4, "max_batch_size": 8},
+        "data": {"train_size": QUESTIONS},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw[section], **values} if isinstance(values, dict) and section in raw else values
+    return validate_config(raw)
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, micro_model_dir, tmp_path_factory):
+    """The teacher service and the scripted judge on one Serve instance, for the whole module."""
+    from ray import serve
+
+    from masters.models import load_model
+    from serve.app import start
+
+    port = _free_port()
+    config = _config(tmp_path_factory.mktemp("unused"), port, micro_model_dir)
+    try:
+        start(config, {TEACHER: micro_model_dir, "student": micro_model_dir})
+        serve.run(_scripted_judge(), name="scripted-judge", route_prefix=JUDGE_ROUTE)
+        _, processor = load_model(micro_model_dir)
+        yield {"port": port, "model_dir": micro_model_dir, "processor": processor}
+    finally:
+        serve.shutdown()
+
+
+def _judge_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}{JUDGE_ROUTE}/v1"
+
+
+def _stage_inputs(config):
+    plan = plan_curriculum(config, config.data.train_size)
+    train = make_split("train", config.data.train_size, config.data.seed)
+    return plan, train
+
+
+def _directory_state(directory):
+    return {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in sorted(directory.iterdir())}
+
+
+# --------------------------------------------------------------------------- the judge over HTTP
+
+
+def test_judge_client_follows_the_scripts(service):
+    judge = lambda script, retries=2: JudgeClient(  # noqa: E731
+        _judge_url(service["port"]), script, timeout_s=10, max_retries=retries, backoff_s=0.01
+    )
+    good = judge("good").score("How many circles?", "3", "3")
+    assert (good.score, good.calls, good.retries) == (1, 1, 0)
+    assert judge("good").score("How many circles?", "3", "4").score == 0
+
+    bare = judge("bare").score("Is there a square?", "yes", "yes")
+    assert (bare.score, bare.calls, bare.retries) == (1, 2, 0)  # the second call asks for a bare digit
+
+    flaky = judge("flaky").score("What colour?", "red", "blue")
+    assert (flaky.score, flaky.calls, flaky.retries) == (0, 2, 1)  # 503, then answered
+
+    with pytest.raises(JudgeError, match="failed 3 times") as broken:
+        judge("broken").score("q", "a", "a")
+    assert (broken.value.calls, broken.value.retries) == (3, 2)
+
+    with pytest.raises(JudgeError, match="no readable score twice") as mute:
+        judge("mute").score("q", "a", "a")
+    assert (mute.value.calls, mute.value.retries) == (2, 0)
+
+    with pytest.raises(JudgeError, match="rejected the request with HTTP 400") as rejected:
+        judge("rejects").score("q", "a", "a")
+    assert rejected.value.calls == 1  # client errors are not retried
+
+
+def test_judge_client_retries_timeouts():
+    # A socket that accepts connections and never answers: every request times out.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        judge = JudgeClient(f"http://127.0.0.1:{port}/v1", "any", timeout_s=0.2, max_retries=1, backoff_s=0.01)
+        with pytest.raises(JudgeError, match="ReadTimeout") as timed_out:
+            judge.score("q", "a", "a")
+    assert (timed_out.value.calls, timed_out.value.retries) == (2, 1)
+
+
+# --------------------------------------------------------------------------- reaching the teacher
+
+
+def test_http_and_serve_handles_give_the_same_samples_and_scores(service, tmp_path):
+    from cluster.pipeline import image_messages
+    from masters.data.export import png_bytes
+    from serve.api import ChatCompletionRequest, ScoreRequest
+
+    config = _config(tmp_path, service["port"], service["model_dir"])
+    sample = make_split("train", 1, 0)[0]
+    messages = image_messages(png_bytes(sample.image), sample.question)
+    chat = ChatCompletionRequest(model=f"{TEACHER}@0.05", messages=messages, n=2, seed=7, max_tokens=4)
+    by_handle = ServiceAddress().connect(config)
+    over_http = ServiceAddress(http_url=f"http://127.0.0.1:{service['port']}/v1").connect(config)
+    (sampled,) = by_handle.chat_many([chat])
+    (sampled_http,) = over_http.chat_many([chat])
+    assert [c.token_ids for c in sampled.choices] == [c.token_ids for c in sampled_http.choices]
+    items = [{"messages": messages, "response_token_ids": c.token_ids} for c in sampled.choices]
+    score = ScoreRequest(model=f"{TEACHER}@0.05", items=items, top_k=4)
+    (scored,) = by_handle.score_many([score])
+    (scored_http,) = over_http.score_many([score])
+    assert [d.top_ids for d in scored.data] == [d.top_ids for d in scored_http.data]
+    assert [len(d.top_ids) for d in scored.data] == [len(c.token_ids) for c in sampled.choices]
+
+
+# --------------------------------------------------------------------------- full stages
+
+
+def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
+    config = _config(tmp_path, service["port"], service["model_dir"])
+    plan, train = _stage_inputs(config)
+    address = ServiceAddress()  # in-cluster Serve handles
+    run_dir = tmp_path / "pipe"
+
+    student = generate_student_responses(config, train, run_dir, address, service["processor"])
+    assert not student.skipped and student.manifest["rows"] == QUESTIONS
+
+    stage = plan[0]
+    result = run_stage(config, stage, train, run_dir, address, service["processor"])
+    assert not result.skipped
+    assert result.directory == stage_dir(run_dir, TEACHER, 0)
+    records = table_to_records(read_parts(result.directory))
+    assert sorted(r.question_id for r in records) == sorted(train[i].id for i in stage.question_indices)
+    students = {row["question_id"]: row["responses"] for row in read_parts(student_responses_dir(run_dir)).to_pylist()}
+    for record in records:
+        assert (record.teacher, record.mask_ratio, record.stage_index) == (TEACHER, pytest.approx(0.05), 0)
+        assert "<image>" in record.prompt and record.prompt.endswith("<|assistant|>\n")
+        assert [r.source for r in record.responses] == ["teacher", "teacher", "student", "student"]
+        # The student half is the stored student responses, joined by question id.
+        assert [r.token_ids for r in record.responses[2:]] == [s["token_ids"] for s in students[record.question_id][:2]]
+        for response in record.responses:
+            assert 1 <= len(response.token_ids) <= 5
+            assert len(response.teacher_topk_ids) == len(response.token_ids)
+            assert all(len(row) == 8 for row in response.teacher_topk_ids + response.teacher_topk_logprobs)
+            assert all(lp <= 0 for row in response.teacher_topk_logprobs for lp in row)
+            assert all(row == sorted(row, reverse=True) for row in response.teacher_topk_logprobs)
+            assert all(-1e-4 <= tail <= 1 for tail in response.teacher_tail_mass)
+            assert response.accuracy_reward in (0.0, 1.0)
+    manifest = json.loads((result.directory / MANIFEST).read_text())
+    assert manifest["counts"]["records"] == len(stage.question_indices)
+    assert manifest["counts"]["responses_by_source"] == {"teacher": 2 * len(records), "student": 2 * len(records)}
+    assert manifest["counts"]["dropped_groups"] == 0 and manifest["judge"]["kind"] == "rule"
+    assert manifest["schema_version"] == 1 and manifest["files"]
+
+    # What a person sees: counts, histograms, sample groups, and the PNG.
+    inspect_stage.main([str(result.directory), "--samples", "1", "--png", str(tmp_path / "stage.png")])
+    shown = capsys.readouterr().out
+    assert f"questions {len(records)}  records {len(records)}  dropped groups 0" in shown
+    assert "R_acc (teacher)" in shown and "1 sample groups" in shown and (tmp_path / "stage.png").stat().st_size > 0
+
+    # Rerun: the stage and the student responses are found complete and left untouched.
+    before = _directory_state(result.directory)
+    assert generate_student_responses(config, train, run_dir, address, service["processor"]).skipped
+    again = run_stage(config, stage, train, run_dir, address, service["processor"])
+    assert again.skipped and _directory_state(result.directory) == before
+
+    # A half-written stage: a crashed writer's temp sibling and a directory without a manifest.
+    crashed = result.directory.parent / ".0.abc123.tmp"
+    crashed.mkdir()
+    (crashed / "part-00000.parquet").write_bytes(b"half")
+    (result.directory / MANIFEST).unlink()
+    (result.directory / "part-00000.parquet").write_bytes(b"truncated")
+    redone = run_stage(config, stage, train, run_dir, address, service["processor"])
+    assert not redone.skipped
+    assert sorted(p.name for p in result.directory.parent.iterdir()) == ["0"]  # no temp leftovers
+    assert len(table_to_records(read_parts(redone.directory))) == len(stage.question_indices)
+    # Same seeds, same samples: the redone stage holds the same responses.
+    assert [r.responses[0].token_ids for r in table_to_records(read_parts(redone.directory))] == [
+        r.responses[0].token_ids for r in records
+    ]
+
+
+def test_naive_objective_scores_dataset_answers_with_the_unmasked_teacher(service, tmp_path):
+    config = _config(
+        tmp_path, service["port"], service["model_dir"], loss={"objective": "naive"}, mask={"max_mask_ratio": 0.0}
+    )
+    plan, train = _stage_inputs(config)
+    (stage,) = plan
+    # No student responses are needed: the naive group is the dataset answer alone.
+    result = run_stage(config, stage, train, tmp_path / "pipe", ServiceAddress(), service["processor"])
+    records = table_to_records(read_parts(result.directory))
+    assert len(records) == QUESTIONS
+    eos = service["processor"].tokenizer.eos_token_id
+    for record in records:
+        assert record.mask_ratio == 0.0
+        (response,) = record.responses
+        assert (response.source, response.text, response.accuracy_reward) == ("dataset", record.answer, 1.0)
+        assert response.token_ids[-1] == eos and len(response.teacher_topk_ids) == len(response.token_ids)
+    assert result.manifest["model_id"] == f"{TEACHER}@0"
+
+
+# --------------------------------------------------------------------------- judge failures in a stage
+
+
+def _llm_config(tmp_path, service, script: str, on_failure: str, **sections):
+    judge = {"kind": "llm", "endpoint": _judge_url(service["port"]), "model": script, "on_failure": on_failure}
+    return _config(
+        tmp_path,
+        service["port"],
+        service["model_dir"],
+        rewards={"judge": {**judge, "max_retries": 1}},
+        # Teacher-only groups: these tests need no student responses.
+        generation={"group_student": 0, "student_responses": 0},
+        **sections,
+    )
+
+
+def test_judge_failures_drop_groups_or_fail_the_stage(service, tmp_path):
+    plan, train = _stage_inputs(_config(tmp_path, service["port"], service["model_dir"]))
+    stage = plan[0]
+    questions = [train[i] for i in stage.question_indices]
+    breaking_answer = questions[0].answer
+    broken = {s.id for s in questions if s.answer == breaking_answer}
+    assert len(broken) < len(questions), "some groups must survive"
+    config = _llm_config(tmp_path, service, f"breaks-on:{breaking_answer}", "drop_group")
+
+    result = run_stage(config, stage, train, tmp_path / "pipe", ServiceAddress(), service["processor"])
+    kept = {r.question_id for r in table_to_records(read_parts(result.directory))}
+    assert kept == {s.id for s in questions} - broken
+    manifest = result.manifest
+    assert manifest["counts"]["dropped_groups"] == len(broken)
+    assert {d["question_id"] for d in manifest["dropped"]} == broken
+    assert all("failed 2 times" in d["reason"] for d in manifest["dropped"])
+    assert manifest["judge"]["retries"] >= len(broken)  # each failed call was retried once
+
+    failing = _llm_config(tmp_path, service, "broken", "fail_stage", name="pipe-fail")
+    with pytest.raises(StageFailedError, match="on_failure=drop_group"):
+        run_stage(failing, stage, train, tmp_path / "pipe-fail", ServiceAddress(), service["processor"])
+    stages = tmp_path / "pipe-fail" / "stages" / TEACHER
+    assert not stages.exists() or list(stages.iterdir()) == []  # nothing half-written
+
+
+# --------------------------------------------------------------------------- fault tolerance
+
+
+def _reward_actor_handles() -> dict[str, object]:
+    """The driver's handles to reward actors, by actor id: the driver owns the actors Ray Data starts."""
+    import gc
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():  # isinstance() on some torch module proxies warns about deprecations
+        warnings.simplefilter("ignore")
+        handles = [obj for obj in gc.get_objects() if isinstance(obj, ray.actor.ActorHandle)]
+    return {
+        handle._ray_actor_id.hex(): handle
+        for handle in handles
+        if "RewardScorer" in handle._ray_actor_creation_function_descriptor.class_name
+    }
+
+
+def _judge_requests(url: str) -> int:
+    import httpx
+
+    return httpx.get(url).json()["requests"]
+
+
+def _kill_reward_actor_mid_stage(judge_requests_url: str, earlier: set, killed: list, stop: threading.Event) -> None:
+    """Find this stage's reward actor as soon as it exists, then ray.kill it (restartable, as a crash
+    would leave it) once the judge has answered a few of its requests: the stage is mid-way."""
+    import ray
+
+    start = _judge_requests(judge_requests_url)
+    handle = None
+    while not stop.is_set():
+        if handle is None:
+            handle = next((h for i, h in _reward_actor_handles().items() if i not in earlier), None)
+        elif _judge_requests(judge_requests_url) >= start + 6:
+            ray.kill(handle, no_restart=False)
+            killed.append(handle._ray_actor_id.hex())
+            return
+        time.sleep(0.02)
+
+
+def test_a_killed_reward_actor_loses_and_doubles_no_question(service, tmp_path):
+    config = _llm_config(tmp_path, service, "slow", "fail_stage", data={"train_size": 40})
+    config.rewards.batch_size = 2
+    plan, train = _stage_inputs(config)
+    stage = plan[0]
+    killed, stop = [], threading.Event()
+    requests_url = f"http://127.0.0.1:{service['port']}{JUDGE_ROUTE}/requests"
+    earlier = set(_reward_actor_handles())
+    killer = threading.Thread(
+        target=_kill_reward_actor_mid_stage,
+        args=(requests_url, earlier, killed, stop),
+        daemon=True,
+    )
+    killer.start()
+    try:
+        result = run_stage(config, stage, train, tmp_path / "pipe", ServiceAddress(), service["processor"])
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "the reward actor was never killed: the stage finished before the judge got busy"
+    ids = [qid for part in result.manifest["files"] for qid in
+           pq.read_table(result.directory / part["name"], columns=["question_id"]).column("question_id").to_pylist()]
+    assert sorted(ids) == sorted(train[i].id for i in stage.question_indices)  # every question exactly once
+    assert result.manifest["counts"]["dropped_groups"] == 0
+    # Judge calls are counted from the written groups only: the killed attempt's calls are not.
+    assert result.manifest["judge"]["calls"] == 2 * len(ids)
