@@ -295,7 +295,7 @@ class MastersConfig(_Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _format_validation_error(error: ValidationError, root: str = "") -> str:
+def format_validation_error(error: ValidationError, root: str = "") -> str:
     lines = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or root or "(config)"
@@ -340,26 +340,30 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MastersConfig:
     """The run config from an optional YAML file plus `section.field=value` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "config file") if path is not None else {}
     raw = _deep_merge(raw, parse_overrides(overrides or []))
     return validate_config(raw)
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; `what` names it in errors ("config file", "zoo config file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping, got {type(raw).__name__}")
+    return raw
 
 
 def validate_config(raw: dict[str, Any]) -> MastersConfig:
     try:
         return MastersConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc)) from None
 
 
 def dump_config(config: BaseModel) -> str:

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from masters.config import ConfigError, _format_validation_error
+from masters.config import ConfigError, format_validation_error, read_yaml_mapping
 from masters.data import SUITE_VERSION, make_split, text_corpus
 from masters.eval import evaluate
 from masters.io import atomic_directory, atomic_write_json
@@ -131,19 +130,11 @@ def load_zoo_config(path: str | Path | None = None) -> ZooConfig:
     """The zoo config from a YAML file (None: the built-in defaults, which configs/zoo/default.yaml spells out)."""
     if path is None:
         return ZooConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"zoo config file {str(path)!r} does not exist; pass an existing YAML file to --config")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"zoo config file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"zoo config file {str(path)!r} must hold a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "zoo config file")
     try:
         return ZooConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc).replace("invalid config", "invalid zoo config")) from None
+        raise ConfigError(format_validation_error(exc).replace("invalid config", "invalid zoo config")) from None
 
 
 def zoo_key(config: ZooConfig) -> str:
