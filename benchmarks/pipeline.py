@@ -9,7 +9,8 @@ teacher at mask ratio 0.1, the first 4 joined with 4 stored student responses, t
 log-probs on every response token, rule-based R_acc, and Parquet output. The baseline runs the same
 engine code (`serve.engine.TransformersEngine`) in this process, one engine batch after another; the
 pipeline runs `cluster.pipeline.run_stage` against the Serve app (two replicas per model) with two
-reward actors. The student responses are generated once beforehand and shared (not timed).
+reward actors. The loop is timed with 1 and with 2 torch threads; the faster one is the baseline. The
+student responses are generated once beforehand and shared (not timed).
 """
 
 from __future__ import annotations
