@@ -206,6 +206,11 @@ class TransformersEngine:
         self.max_top_k = self.vocab_size
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_id = self.tokenizer.eos_token_id
+        # Never sample special tokens other than EOS (an `<image>` token in a response breaks scoring
+        # it), nor padded vocabulary rows beyond the tokenizer.
+        unsampleable = {i for i in self.tokenizer.all_special_ids if i != self.eos_id}
+        unsampleable |= set(range(len(self.tokenizer), self.vocab_size))
+        self.unsampleable_ids = torch.tensor(sorted(unsampleable), dtype=torch.long, device=self.device)
         self.masker = None
         if any(ratio > 0 for ratio in mask_ratios):
             from masters.masking import TeacherMasker
@@ -277,7 +282,8 @@ class TransformersEngine:
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for step in range(int(max_tokens.max())):
             logits = output.logits[:, -1].float()
-            sample_logprobs = filter_logits(logits, seen, temperature, top_p, top_k, repetition_penalty)
+            sampling_logits = logits.index_fill(1, self.unsampleable_ids, float("-inf"))
+            sample_logprobs = filter_logits(sampling_logits, seen, temperature, top_p, top_k, repetition_penalty)
             next_tokens = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=device)
             for row in range(len(rows)):
                 if finished[row]:

@@ -90,6 +90,15 @@ def test_seeded_request_is_the_same_alone_and_in_any_batch(engine):
     assert [c.token_ids for c in fewer] == [c.token_ids for c in alone[:2]], "sample j must not depend on n"
 
 
+def test_sampling_never_emits_special_tokens_but_eos(engine):
+    # A flat temperature makes every token likely, special ones included, unless they are excluded.
+    completions = engine.generate([(image_prompt(engine), sampling(n=16, max_tokens=16, temperature=5.0, top_p=1.0, top_k=0, seed=7))])[0]
+    special = set(engine.tokenizer.all_special_ids) - {engine.eos_id}
+    emitted = {token for completion in completions for token in completion.token_ids}
+    assert len(emitted) > 20, "a flat distribution should reach many tokens"
+    assert not emitted & special
+
+
 def test_generation_stops_at_max_tokens_and_reports_finish_reason(engine):
     completions = engine.generate([(image_prompt(engine), sampling(n=4, max_tokens=3))])[0]
     for completion in completions:
