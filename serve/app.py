@@ -14,6 +14,7 @@ Inside the cluster, call `model_handle(model_id)` and `await handle.generate.rem
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
@@ -226,11 +227,17 @@ class ModelServer:
             )
         top_k = min(request.top_k or self.config.generation.teacher_topk, self.engine.max_top_k)
 
-        def prepare(item) -> tuple[EncodedPrompt, list[int]]:
-            response = self._response_ids(item)
-            return self._encode(item.messages, len(response), "the response"), response
-
-        prepared = [prepare(item) for item in request.items]
+        responses = [self._response_ids(item) for item in request.items]
+        # The responses of one group share their prompt: decode its image and encode it once.
+        prompt_keys = [json.dumps([m.model_dump(mode="json") for m in item.messages], sort_keys=True) for item in request.items]
+        longest: dict[str, int] = {}
+        for key, response in zip(prompt_keys, responses):
+            longest[key] = max(longest.get(key, 0), len(response))
+        encoded: dict[str, EncodedPrompt] = {}
+        for key, item in zip(prompt_keys, request.items):
+            if key not in encoded:
+                encoded[key] = self._encode(item.messages, longest[key], "the response")
+        prepared = [(encoded[key], response) for key, response in zip(prompt_keys, responses)]
         scores = await asyncio.gather(*(self._score_batch((mask_ratio, p, r, top_k)) for p, r in prepared))
         data = [ScoreData(index=i, **s.model_dump()) for i, s in enumerate(scores)]
         prompt_tokens = sum(len(p.token_ids) for p, _ in prepared)
