@@ -120,9 +120,6 @@ class GenerationConfig(_Section):
     teacher_topk: int = Field(
         64, ge=1, description="k of the stored teacher top-k log-probs per token (plus one tail bucket)."
     )
-    refresh_student_per_stage: bool = Field(
-        False, description="Re-generate the student's responses each stage (ours, an extension; the paper does it once)."
-    )
 
     @model_validator(mode="after")
     def _group_fits(self) -> GenerationConfig:
