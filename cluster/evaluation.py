@@ -6,17 +6,17 @@ from pathlib import Path
 
 import ray
 
-from masters.config import MastersConfig
+from masters.config import DataConfig, MastersConfig
 
 
 @ray.remote(max_retries=2)
-def _evaluate_task(model_dir: str, model_name: str, split: str, size: int, seed: int, families, max_new_tokens: int, device: str):
-    from masters.data import make_split
+def _evaluate_task(model_dir: str, model_name: str, split: str, size: int, data: DataConfig, max_new_tokens: int, device: str):
+    from masters.data import load_split
     from masters.eval import evaluate
     from masters.models import load_model
 
     model, processor = load_model(model_dir, device=device)
-    samples = make_split(split, size, seed=seed, families=families)
+    samples = load_split(data, split, size)
     report = evaluate(model, processor, samples, model_name=model_name, split=split, max_new_tokens=max_new_tokens)
     return report.to_json()
 
@@ -31,8 +31,7 @@ def evaluate_models(config: MastersConfig, models: dict[str, Path], split: str, 
             name,
             split,
             size,
-            config.data.seed,
-            config.data.families,
+            config.data,
             config.generation.sampling.max_new_tokens,
             device,
         )

@@ -374,3 +374,21 @@ def test_exports_refuse_to_replace_a_directory_they_did_not_write(tmp_path, mixe
     pq.write_table(table.drop_columns(["meta"]), tmp_path / "partial.parquet")
     with pytest.raises(ValueError, match=r"lacks the suite columns \['meta'\]"):
         read_parquet(tmp_path / "partial.parquet")
+
+
+def test_load_split_reads_the_suite_a_directory_or_a_file(tmp_path):
+    from masters.config import DataConfig
+    from masters.data import load_split
+
+    suite = load_split(DataConfig(), "val", 6)
+    assert [s.id for s in suite] == [s.id for s in make_split("val", 6, seed=0)]
+    write_parquet(make_split("test", 5, seed=0) + suite, tmp_path / "all.parquet")
+    write_parquet(suite, tmp_path / "val.parquet")
+    from_dir = load_split(DataConfig(dataset=str(tmp_path)), "val", 6)
+    from_file = load_split(DataConfig(dataset=str(tmp_path / "all.parquet")), "val", 4)
+    assert [s.id for s in from_dir] == [s.id for s in suite]
+    assert [s.id for s in from_file] == [s.id for s in suite[:4]]
+    with pytest.raises(ValueError, match="no train.parquet there"):
+        load_split(DataConfig(dataset=str(tmp_path)), "train", 1)
+    with pytest.raises(ValueError, match="has 6 'val' samples; the config asks for 7"):
+        load_split(DataConfig(dataset=str(tmp_path / "all.parquet")), "val", 7)

@@ -14,6 +14,7 @@ from masters.data.suite import (
     make_split,
     text_corpus,
 )
+from masters.data.source import load_split
 
 __all__ = [
     "FAMILIES",
@@ -25,6 +26,7 @@ __all__ = [
     "VOCABULARY",
     "VQASample",
     "make_sample",
+    "load_split",
     "make_split",
     "read_parquet",
     "text_corpus",
