@@ -180,7 +180,7 @@ def main() -> None:
             f"serve: max_batch_size={config.serve.max_batch_size}, batch_wait_timeout_s={config.serve.batch_wait_timeout_s}, "
             f"num_cpus per replica={config.serve.num_cpus}"
         )
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             base_url = start(config, {"teacher": model_dir, "student": model_dir})
             switch_in_replica, threads = replica_switch_time(base_url)

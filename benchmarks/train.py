@@ -243,7 +243,7 @@ def main() -> None:
             for threads in (2, 1)
         ]
         baseline = max(row[1] for row in rows)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             for strategy in args.strategies:
                 started = time.perf_counter()
