@@ -97,10 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     train_samples = load_samples(config, "train", config.data.train_size)
     processor = AutoProcessor.from_pretrained(model_paths[STUDENT])
 
+    # Where the run is: a rerun of a finished run needs no teacher service and no generation.
+    state_path = run_dir / "state.json"
+    state = CurriculumState.load(state_path) if state_path.exists() else CurriculumState.fresh(plan)
+    pending = [stage for stage in plan if stage.stage_id not in state.completed]
+
     # 3. The teacher service: every teacher at every level of its schedule, plus the initial student.
-    base_url = start_teacher_service(config, model_paths)
-    logger.info("teacher service at %s; model ids %s", base_url, ", ".join(served_model_ids(config)))
     address = ServiceAddress()  # Serve handles: no HTTP hop inside the cluster
+    if pending:
+        base_url = start_teacher_service(config, model_paths)
+        logger.info("teacher service at %s; model ids %s", base_url, ", ".join(served_model_ids(config)))
 
     # Reference accuracies: the initial student and the teachers, once per run.
     baseline = cached_json(run_dir / "eval" / "baseline_test.json")
@@ -115,14 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         save_json(run_dir / "eval" / "baseline_test.json", baseline)
 
     # 4. The student's own responses, generated once from its initial weights.
-    if config.loss.objective != "naive" and config.generation.group_student > 0:
+    if pending and config.loss.objective != "naive" and config.generation.group_student > 0:
         generate_student_responses(config, train_samples, run_dir, address, processor)
 
     # 5. The curriculum: generation + rewards → training → evaluation, stage by stage.
-    state_path = run_dir / "state.json"
-    state = CurriculumState.load(state_path) if state_path.exists() else CurriculumState.fresh(plan)
     student_dir = current_student(run_dir, state, model_paths[STUDENT])
-    pending = [stage for stage in plan if stage.stage_id not in state.completed]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as generator:
         # Generation of the next stage runs while the current one trains: the student's
         # responses are fixed, so a stage's records never depend on the previous training.
@@ -267,11 +270,9 @@ def served_model_ids(config: MastersConfig) -> list[str]:
 
 
 def load_samples(config: MastersConfig, split: str, size: int):
-    from masters.data import make_split
+    from masters.data import load_split
 
-    if config.data.dataset != "suite":
-        raise NotImplementedError("only data.dataset=suite is supported by this driver yet")
-    return make_split(split, size, seed=config.data.seed, families=config.data.families)
+    return load_split(config.data, split, size)
 
 
 def cached_json(path: Path):
