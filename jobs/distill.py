@@ -257,7 +257,8 @@ def connect_ray(address: str | None) -> None:
     import ray
 
     if address is None and "RAY_ADDRESS" not in os.environ:
-        ray.init(include_dashboard=False, configure_logging=False)
+        # "local": a new instance even if a `ray start` cluster runs here (join one with --address auto).
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
     else:
         ray.init(address=address or "auto", configure_logging=False)
 
