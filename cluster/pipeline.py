@@ -437,6 +437,18 @@ class StepResult:
     execution_stats: str = ""  # Ray Data's per-operator summary of the run that wrote it
 
 
+def _with_samples(dataset, config: MastersConfig, address: ServiceAddress, n: int, keep: int, source: str):
+    """Add `keep` of `n` sampled responses per question from `source`'s model (Ray tasks, a few in flight)."""
+    return dataset.map_batches(
+        sample_responses,
+        batch_format="pyarrow",
+        batch_size=config.serve.max_batch_size,
+        compute=TaskPoolStrategy(size=SAMPLING_TASKS),
+        num_cpus=SAMPLING_TASK_CPUS,
+        fn_kwargs={"address": address, "config": config, "n": n, "keep": keep, "source": source},
+    )
+
+
 def generate_student_responses(
     config: MastersConfig, samples: Sequence[VQASample], run_dir: str | Path, address: ServiceAddress, processor
 ) -> StepResult:
@@ -448,19 +460,9 @@ def generate_student_responses(
         return StepResult(directory, read_manifest(directory), skipped=True)
     remove_partial(directory)
     rows = _question_rows(samples, processor, teacher="", mask_ratio=0.0, stage_index=-1, model=STUDENT)
-    dataset = _dataset(rows, config).map_batches(
-        sample_responses,
-        batch_format="pyarrow",
-        batch_size=config.serve.max_batch_size,
-        compute=TaskPoolStrategy(size=SAMPLING_TASKS),
-        num_cpus=SAMPLING_TASK_CPUS,
-        fn_kwargs={
-            "address": address,
-            "config": config,
-            "n": config.generation.student_responses,
-            "keep": config.generation.student_responses,
-            "source": "student",
-        },
+    dataset = _with_samples(
+        _dataset(rows, config), config, address, n=config.generation.student_responses,
+        keep=config.generation.student_responses, source="student",
     )
     with PartWriter(directory, STUDENT_SCHEMA, kind="student_responses") as writer:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -551,19 +553,8 @@ def run_stage(
             row["responses"] = students.get(sample.id, [])
     dataset = _dataset(rows, config)
     if not naive and generation.group_teacher:
-        dataset = dataset.map_batches(
-            sample_responses,
-            batch_format="pyarrow",
-            batch_size=config.serve.max_batch_size,
-            compute=TaskPoolStrategy(size=SAMPLING_TASKS),
-            num_cpus=SAMPLING_TASK_CPUS,
-            fn_kwargs={
-                "address": address,
-                "config": config,
-                "n": generation.teacher_responses,
-                "keep": generation.group_teacher,
-                "source": "teacher",
-            },
+        dataset = _with_samples(
+            dataset, config, address, n=generation.teacher_responses, keep=generation.group_teacher, source="teacher"
         )
     judge_endpoint, judge_model = judge_target(config)
     dataset = dataset.map_batches(
