@@ -34,15 +34,15 @@ def _init_levels(model: torch.nn.Module, model_dir: str, mask_ratios: list[float
     """Keep the dense masked-scope tensors (CPU) and their level bounds on the worker's model."""
     from safetensors import safe_open
 
-    from masters.masking import _checkpoint_weight_map, _masked_checkpoint_keys, level_bounds
+    from masters.masking import checkpoint_weight_map, mask_levels, masked_checkpoint_keys
 
     dtype = next(model.parameters()).dtype
-    weight_map = _checkpoint_weight_map(Path(model_dir))
+    weight_map = checkpoint_weight_map(Path(model_dir))
     tensors = []
-    for key in sorted(_masked_checkpoint_keys(Path(model_dir), list(weight_map), scope)):
+    for key in sorted(masked_checkpoint_keys(Path(model_dir), list(weight_map), scope)):
         with safe_open(weight_map[key], framework="pt") as handle:
             dense = handle.get_tensor(key).to(dtype)
-        tensors.append((key, dense, level_bounds(dense, mask_ratios)))
+        tensors.append((key, dense, [level.bound for level in mask_levels(dense, mask_ratios)]))
     model._masters_levels = (list(mask_ratios), tensors)
     return len(tensors)
 

@@ -15,6 +15,7 @@ from masters.masking import (
     export_masked_checkpoints,
     mask_levels,
     masked_parameter_names,
+    write_level,
     zeroed_count,
 )
 
@@ -122,15 +123,44 @@ def test_ratio_zero_restores_every_parameter_bit_for_bit_after_any_levels():
     assert_same_weights(dense, model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_switch_gives_the_level_computed_from_the_dense_weights(dtype):
+    # A switch rewrites only the bands between two levels; whatever the path, the result must be the
+    # level written in one go from the dense weights.
+    model = tiny_llava(dtype)
+    dense = snapshot(model)
+    masker = TeacherMasker(model, SCHEDULE)
+    expected = {}
+    for name in masker.parameter_names:
+        for ratio, level in zip(SCHEDULE, mask_levels(dense[name], SCHEDULE)):
+            expected[name, ratio] = write_level(dense[name], level.bound, torch.empty_like(dense[name]))
+    path = [0.2, 0.15, 0.1, 0.05, 0.0, 0.1, 0.2, 0.0, 0.05, 0.15, 0.05, 0.2, 0.1]
+    for ratio in path:
+        masker.set_mask_ratio(ratio)
+        live = model.state_dict()
+        for name in masker.parameter_names:
+            assert torch.equal(live[name], expected[name, ratio]), (name, ratio)
+
+
+def test_masker_keeps_less_than_a_dense_copy():
+    model = tiny_llava()
+    masker = TeacherMasker(model, SCHEDULE)
+    masked = [param for name, param in model.named_parameters() if name in masker.parameter_names]
+    dense_bytes = sum(param.numel() * param.element_size() for param in masked)
+    # r_max of the entries, each an int32 position and a float32 value (+ the rounding of each level)
+    assert masker.kept_bytes <= sum(round(0.2 * param.numel() + 1) * (4 + 4) for param in masked)
+    assert masker.kept_bytes < 0.5 * dense_bytes
+
+
 def test_level_zero_is_always_available_and_other_ratios_are_rejected():
     model = tiny_llava()
     dense = snapshot(model)
     masker = TeacherMasker(model, [0.3])
-    assert masker.mask_ratios == [0.3, 0.0]
+    assert masker.mask_ratios == [0.0, 0.3]  # sorted, with the dense level added
     masker.set_mask_ratio(0.3)
     masker.set_mask_ratio(0.0)
     assert_same_weights(dense, model)
-    with pytest.raises(ValueError, match=r"0\.25 is not a level.*\['0\.3', '0'\]"):
+    with pytest.raises(ValueError, match=r"0\.25 is not a level.*\['0', '0\.3'\]"):
         masker.set_mask_ratio(0.25)
     with pytest.raises(ValueError, match="mask_ratios must lie in"):
         TeacherMasker(model, [0.2, 1.0])
