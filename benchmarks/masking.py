@@ -126,7 +126,7 @@ def main() -> None:
     )
     rows: list[tuple[str, str, str]] = []
 
-    # (c) first, while the heap holds nothing freed yet: memory of the masker (dense copy + temporaries)
+    # (c) first, while the heap holds nothing freed yet: memory of the masker (bands + temporaries)
     base_rss = rss()
     reset_peak_rss()
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 An engine owns one resident model. A replica hands it whole batches, all at one mask level:
 `generate` samples completions, `score` returns the model's top-k log-probs on given responses,
-`set_mask_ratio` re-masks the weights in place from a dense copy.
+`set_mask_ratio` re-masks the weights in place (`masters.masking.TeacherMasker`).
 
 Reproducible seeds: the transformers engine runs its own decoding loop (KV cache, left padding,
 explicit position ids) and draws every sample from its own `torch.Generator`, seeded from the
@@ -354,7 +354,7 @@ class TransformersEngine:
     # ----------------------------------------------------------------------- levels
 
     def set_mask_ratio(self, mask_ratio: float) -> float:
-        """Re-mask in place from the dense copy; returns the seconds the switch took."""
+        """Re-mask in place (only the bands between the two levels change); returns the seconds the switch took."""
         if self.mask_ratio == mask_ratio:
             return 0.0
         if self.masker is None:
