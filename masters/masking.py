@@ -174,6 +174,7 @@ class _MaskedTensor:
     name: str
     param: nn.Parameter
     bands: list[_Band]  # bands[k]: zeroed at level k (ascending ratios) but not at level k - 1; bands[0] is empty
+    bounds: list[float | None]  # per level (`MaskLevel.bound`)
 
 
 def _bands(weight: torch.Tensor, bounds: Sequence[float | None]) -> list[_Band]:
@@ -230,7 +231,7 @@ class TeacherMasker:
             for name in masked_parameter_names(model, scope):
                 param = parameters[name]
                 bounds = [level.bound for level in mask_levels(param.detach(), self.mask_ratios)]
-                self._tensors.append(_MaskedTensor(name, param, _bands(param.detach(), bounds)))
+                self._tensors.append(_MaskedTensor(name, param, _bands(param.detach(), bounds), bounds))
 
     @property
     def mask_ratio(self) -> float:
@@ -253,17 +254,21 @@ class TeacherMasker:
     def set_mask_ratio(self, mask_ratio: float) -> None:
         """Put the live weights at `mask_ratio`, one of `mask_ratios`, from any level."""
         target = self._level(mask_ratio)
-        low, high = sorted((self._level_now, target))
-        zeroing = target > self._level_now
         with torch.no_grad():
             for tensor in self._tensors:
-                flat = tensor.param.detach().view(-1)
-                for band in tensor.bands[low + 1 : high + 1]:
-                    indices = band.indices.to(flat.device, non_blocking=True)
-                    if zeroing:
-                        flat.index_put_((indices,), flat.new_zeros(()))
-                    else:
-                        flat.index_put_((indices,), band.values.to(flat.device, non_blocking=True))
+                live = tensor.param.detach()
+                if target > self._level_now:
+                    # More zeros: the entries of the bands in between are exactly those with
+                    # |w| <= the target's bound, so one in-place hardshrink pass (as fast as a copy,
+                    # and ~5x faster than a scatter per entry) zeroes them; zeros already there stay.
+                    if tensor.bounds[target] is not None:
+                        torch.ops.aten.hardshrink.out(live, tensor.bounds[target], out=live)
+                    continue
+                flat = live.view(-1)
+                for band in tensor.bands[target + 1 : self._level_now + 1]:
+                    # Fewer zeros: write the bands' original values back (index_copy_ wants int64).
+                    indices = band.indices.to(flat.device, torch.long, non_blocking=True)
+                    flat.index_copy_(0, indices, band.values.to(flat.device, non_blocking=True))
         if any(tensor.param.device.type == "cuda" for tensor in self._tensors):
             torch.cuda.synchronize()  # the host→device copies are asynchronous
         self._level_now = target
