@@ -26,6 +26,7 @@ from masters.data import (
     SUITE_VERSION,
     VOCABULARY,
     VQASample,
+    describe,
     make_sample,
     make_split,
     read_parquet,
@@ -206,6 +207,26 @@ def test_answers_agree_with_meta_for_every_family():
         assert sample.answer == expected_answer(sample), (sample.id, sample.question, sample.answer, sample.meta)
     yes_no = Counter(s.answer for s in samples if s.answer in ("yes", "no"))
     assert min(yes_no.values()) > 0.35 * sum(yes_no.values())  # balanced, so "yes" is not a free win
+
+
+def test_descriptions_name_everything_in_the_image_for_every_family():
+    assert describe(make_split("train", 3, seed=0, families=["shapes_exist"])[0]) == (
+        "large green diamond top middle, small red diamond top right, small blue triangle middle right, "
+        "small green square bottom middle, small orange circle bottom right"
+    )
+    for sample in make_split("train", 10 * len(FAMILIES), seed=5) + make_split("heldout", 20):
+        text, meta = describe(sample), sample.meta
+        if "objects" in meta:
+            assert text.count(",") == len(meta["objects"]) - 1
+            for obj in meta["objects"]:
+                assert f"{obj['size']} {obj['colour']} {obj['shape']}" in text
+        elif "values" in meta:
+            assert text.startswith(f"{meta['kind']} chart") and all(f"{l} {v}" in text for l, v in zip(meta["labels"], meta["values"]))
+        elif "lines" in meta:
+            assert text.split(", ") == meta["lines"]
+        else:
+            assert text == f"{meta['kind']} {meta['text']}"
+        assert describe(sample) == text  # deterministic
 
 
 def test_scene_images_show_the_objects_in_meta():

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import masters.zoo as zoo
@@ -61,6 +62,32 @@ def test_build_writes_every_role_with_a_manifest(built_zoo):
         assert parameter_count(model) == manifest["roles"][role]["params"]
         assert 0.0 <= manifest["roles"][role]["val_accuracy"] <= 1.0
     assert manifest["disk_bytes"] > 0
+
+
+def test_frozen_vision_keeps_its_initialisation_and_the_language_model_trains(built_zoo):
+    config, _, paths = built_zoo
+    for role in ROLES:
+        assert config.roles[role].freeze_vision
+        trained, processor = load_model(paths[role])
+        fresh = build_model(config.roles[role].size, processor.tokenizer, seed=config.roles[role].seed)
+        fresh_state = fresh.state_dict()
+        for name, tensor in trained.state_dict().items():
+            frozen = "vision_tower" in name or "multi_modal_projector" in name
+            assert torch.equal(tensor, fresh_state[name]) == frozen, name
+
+
+def test_captions_are_trained_on_with_the_questions(tmp_path, monkeypatch):
+    seen = {}
+
+    def record(model, examples, **kwargs):
+        seen["examples"] = len(examples)
+        raise RuntimeError("stop after the first role")
+
+    monkeypatch.setattr(zoo, "train_sft", record)
+    for captions, expected in [(True, 16), (False, 8)]:  # train_size 8: each image once more with its description
+        with pytest.raises(RuntimeError, match="stop after"):
+            zoo.build_zoo(micro_zoo_config(captions=captions), tmp_path, progress=False, log=lambda _: None)
+        assert seen["examples"] == expected
 
 
 def test_cache_hit_returns_without_training(built_zoo, monkeypatch):
