@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -227,6 +228,9 @@ def test_descriptions_name_everything_in_the_image_for_every_family():
         else:
             assert text == f"{meta['kind']} {meta['text']}"
         assert describe(sample) == text  # deterministic
+    bare = dataclasses.replace(make_split("train", 1, seed=0)[0], meta={})
+    with pytest.raises(ValueError, match="has no meta a description can be built from"):
+        describe(bare)
 
 
 def test_scene_images_show_the_objects_in_meta():
