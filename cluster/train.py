@@ -358,7 +358,6 @@ def train_stage(
     (default: `train.epochs` passes over the stage). Re-running with the same `run_name` and
     `storage_path` (default `config.storage_path`) continues from the run's latest checkpoint.
     """
-    import ray.train
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

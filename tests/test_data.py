@@ -23,7 +23,6 @@ from masters.data import (
     HELDOUT_COMBINATIONS,
     HELDOUT_FAMILIES,
     MIN_IMAGE_SIZE,
-    SPLITS,
     SUITE_VERSION,
     VOCABULARY,
     VQASample,
