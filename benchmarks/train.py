@@ -226,7 +226,7 @@ def main() -> None:
 
     import ray
 
-    from cluster.train import train_stage
+    from cluster.train import RecordsGate, TrainingStage, train_curriculum
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
@@ -247,8 +247,10 @@ def main() -> None:
         try:
             for strategy in args.strategies:
                 started = time.perf_counter()
-                result = train_stage(config_for(strategy), stage_dir, student_dir, student_dir, tmp / "out" / strategy,
-                                     f"bench-{strategy}", str(tmp / "runs"), max_steps=args.steps)
+                records_gate = RecordsGate.remote()
+                records_gate.ready.remote("bench/0", str(stage_dir))
+                (result,) = train_curriculum(config_for(strategy), [TrainingStage("bench/0", args.steps, str(tmp / "out" / strategy))],
+                                             records_gate, student_dir, student_dir, f"bench-{strategy}", str(tmp / "runs"))
                 fit_seconds = time.perf_counter() - started
                 rows.append((f"Ray Train {strategy}, 2 workers x 1 thread", steady_tokens_per_s(result.metrics),
                              fit_seconds, result.metrics[-1]["peak_rss_mb"]))

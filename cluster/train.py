@@ -1,21 +1,31 @@
-"""The student trainer: one curriculum stage on Ray Train V2 (`TorchTrainer`), DDP | FSDP2 | DeepSpeed.
+"""The student trainer: the whole curriculum in one Ray Train V2 run (`TorchTrainer`), DDP | FSDP2 | DeepSpeed.
 
 Each worker holds the student and, for the ``full`` objective, the frozen reference (the initial
 student); teachers never enter the trainer, their top-k log-probs come with the stage records.
+The workers go through the stages in plan order. A stage's records come from the driver, which
+generates them ahead of the trainer: :class:`RecordsGate` says when a stage's directory is written.
 Workers read the stage's Parquet files, take their deterministic shard (:class:`ShardPlan`), and
 make one optimizer update per batch of `train.questions_per_batch` questions, accumulating
 `train.grad_accum_steps` micro-batches. The loss is :func:`masters.student_step.student_loss`, the
-same code the single-process baseline in ``benchmarks/train.py`` runs.
+same code the single-process baseline in ``benchmarks/train.py`` runs. One optimizer runs through
+all stages, as in one long training run whose data changes at the stage boundaries.
 
-Checkpoints (weights + optimizer state + step) are reported every `train.checkpoint_every_steps`
-updates and at the end of the stage; the final one also holds the gathered student in Hugging Face
-format (``student/``), which :func:`train_stage` copies to `out_dir`. Re-running with the same
-`run_name` and `storage_path` resumes from the latest checkpoint of that run (Ray Train V2 restores
-it; `resume_from_checkpoint` is not supported in V2).
+One `fit()` for the curriculum, not one per stage: a `fit()` costs tens of seconds of start-up
+(worker processes, imports, model loading, process group) that a stage of a few updates would pay
+again and again (docs/benchmarks.md).
+
+Checkpoints (weights + optimizer state + position) are reported every `train.checkpoint_every_steps`
+updates and at the end of every stage; a stage's last one also holds the gathered student in
+Hugging Face format (``student/``), which rank 0 then publishes to the stage's `out_dir` with the
+stage's metrics (:data:`STAGE_RESULT_FILE`). Re-running with the same `run_name` and `storage_path`
+resumes from the run's latest checkpoint (Ray Train V2 restores it): finished stages are skipped,
+an interrupted stage goes on from its last checkpoint, and a finished stage whose outputs were not
+published yet (the driver died in between) is published from its checkpoint.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,29 +34,49 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from masters.config import MastersConfig, TrainConfig
-from masters.io import atomic_directory
+from masters.io import atomic_directory, atomic_write_json
 
 STUDENT_SUBDIR = "student"
 TRAIN_STATE_FILE = "train_state.pt"  # ddp / fsdp2: full model + optimizer state, written by rank 0
 DEEPSPEED_SUBDIR = "deepspeed"  # deepspeed: one partition per rank, merged by Ray into one directory
-PROGRESS_FILE = "progress.json"
+PROGRESS_FILE = "progress.json"  # in every checkpoint: which stages are done, where the current one is
+STAGE_RESULT_FILE = "train.json"  # in a stage's out_dir, next to student/: the stage's step metrics
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One stage as the trainer sees it."""
+
+    stage_id: str  # e.g. `teacher-l/2`
+    steps: int  # optimizer updates
+    out_dir: str  # where the stage's student and metrics are published
 
 
 @dataclass
 class StageTrainResult:
-    """What one stage's training returns to the driver."""
+    """A finished stage, read back from its `out_dir`."""
 
-    metrics: list[dict[str, float]]  # one entry per optimizer step run by this call (a resume starts later)
-    student_dir: Path  # the trained student, loadable with AutoModelForImageTextToText + AutoProcessor
-    checkpoint_path: str  # the final Ray checkpoint (weights, optimizer state, student/)
-    steps: int  # optimizer steps of the whole stage, counting those done before a resume
+    stage_id: str
+    metrics: list[dict[str, float]]  # one entry per optimizer step of the stage
+    student_dir: Path  # loadable with AutoModelForImageTextToText + AutoProcessor
+    steps: int
+
+    @classmethod
+    def read(cls, out_dir: str | Path) -> StageTrainResult | None:
+        """The published result in `out_dir`, or None while the stage is not finished."""
+        path = Path(out_dir) / STAGE_RESULT_FILE
+        if not path.is_file():
+            return None
+        result = json.loads(path.read_text())
+        return cls(result["stage_id"], result["metrics"], Path(out_dir) / STUDENT_SUBDIR, result["steps"])
 
 
 # --------------------------------------------------------------------------- strategies
@@ -244,8 +274,17 @@ def _save_student(strategy, student_in: Path, processor, directory: Path, rank: 
         save_model(model, processor, directory / STUDENT_SUBDIR)
 
 
-def train_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
-    """Ray Train V2 per-worker loop; returns the metrics of the steps it ran (rank 0's is returned by `fit`)."""
+def _publish_stage(checkpoint_dir: Path, stage: TrainingStage, metrics: list[dict[str, float]]) -> None:
+    """Copy a stage-end checkpoint's student to the stage's out_dir, then its metrics (the 'done' signal)."""
+    out_dir = Path(stage.out_dir)
+    with atomic_directory(out_dir / STUDENT_SUBDIR) as tmp:
+        shutil.copytree(checkpoint_dir / STUDENT_SUBDIR, tmp, dirs_exist_ok=True)
+    atomic_write_json(out_dir / STAGE_RESULT_FILE, {"stage_id": stage.stage_id, "steps": stage.steps, "metrics": metrics})
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train V2 per-worker loop over the curriculum's stages."""
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -259,14 +298,12 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
     from masters.models import load_model
     from masters.student_step import needs_reference, step_metrics, student_loss
 
+    stages = [TrainingStage(**stage) for stage in loop_config["stages"]]
+    records_gate = loop_config["records_gate"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
     _seed_everything(train.seed)
-
-    table = StageTable(loop_config["stage_dir"])
-    plan = ShardPlan(len(table), train.questions_per_batch, world_size, train.grad_accum_steps, train.seed)
-    total_steps = loop_config["max_steps"] or train.epochs * plan.steps_per_epoch
 
     student_in = Path(loop_config["student_in"])
     student, processor = load_model(student_in, device, dtype="float32")  # float32 master weights
@@ -279,61 +316,111 @@ def train_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
     pixel_dtype = torch.float32 if not train.use_gpu else torch.bfloat16
     strategy = STRATEGIES[train.strategy](student, train, device)
 
-    start_step = 0
+    # Where the run is: stages finished, and the stage under way with its updates so far.
+    progress = {"completed": [], "stage_id": None, "step": 0, "metrics": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             strategy.load_state(Path(directory))
-            start_step = json.loads((Path(directory) / PROGRESS_FILE).read_text())["step"]
+            progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
+            last_done = next((s for s in stages if progress["completed"] and s.stage_id == progress["completed"][-1]), None)
+            if rank == 0 and progress["stage_id"] is None and last_done and StageTrainResult.read(last_done.out_dir) is None:
+                _publish_stage(Path(directory), last_done, progress["metrics"])
 
-    def report(step: int, metrics: dict[str, float], final: bool) -> None:
+    def report(metrics: dict[str, float], stage: TrainingStage, stage_metrics: list, final: bool) -> None:
         directory = Path(tempfile.mkdtemp(prefix=f"masters-ckpt-{rank}-"))
         try:
-            (directory / PROGRESS_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps}))
+            position = {
+                "completed": progress["completed"] + ([stage.stage_id] if final else []),
+                "stage_id": None if final else stage.stage_id,
+                "step": 0 if final else stage_metrics[-1]["step"],
+                "metrics": stage_metrics,
+            }
+            (directory / PROGRESS_FILE).write_text(json.dumps(position))
             keep = strategy.save_state(directory, rank)
             if final:
                 _save_student(strategy, student_in, processor, directory, rank)
+            slug = stage.stage_id.replace("/", "-")
             ray.train.report(
                 metrics,
                 checkpoint=Checkpoint.from_directory(directory) if keep else None,
-                checkpoint_dir_name=f"step_{step:07d}",
+                checkpoint_dir_name=f"{slug}-{'end' if final else 'step_%05d' % position['step']}",
             )
+            # Published only once the checkpoint is persisted, so a published stage is never trained again.
+            if final and rank == 0:
+                _publish_stage(directory, stage, stage_metrics)
+            progress.update(position)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    history = []
-    for step in range(start_step, total_steps):
-        started = time.perf_counter()
-        micro_batches = plan.worker_micro_batches(step, rank)
-        sums: dict[str, float] = {}
-        for index, questions in enumerate(micro_batches):
-            batch = collate_records(table.records(questions), processor).to(device, pixel_dtype)
-            last = index == len(micro_batches) - 1
-            with strategy.sync_context(last):  # DDP reads it in forward and backward
-                with strategy.forward_context():
-                    output = student_loss(strategy.model, reference, batch, config.loss, config.rewards, vocab_size)
-                strategy.backward(output.loss)
-            for name, value in step_metrics(output, batch).items():
-                sums[name] = sums.get(name, 0.0) + value
-        grad_norm = strategy.step()
-        local = {n: v if n == "tokens" else v / len(micro_batches) for n, v in sums.items()}
-        local.update(grad_norm=grad_norm, peak_rss_mb=_peak_rss_mb())
-        metrics = _mean_over_workers(local, device)
-        seconds = time.perf_counter() - started
-        metrics.update(step=step + 1, epoch=step // plan.steps_per_epoch, seconds=seconds,
-                       tokens_per_s=metrics["tokens"] / seconds)
-        history.append(metrics)
+    for stage in stages:
+        if stage.stage_id in progress["completed"]:
+            continue
+        resuming = stage.stage_id == progress["stage_id"]
+        first_step, stage_metrics = (progress["step"], progress["metrics"]) if resuming else (0, [])
+        table = StageTable(ray.get(records_gate.wait.remote(stage.stage_id)))
+        plan = ShardPlan(len(table), train.questions_per_batch, world_size, train.grad_accum_steps, train.seed)
+        for step in range(first_step, stage.steps):
+            started = time.perf_counter()
+            micro_batches = plan.worker_micro_batches(step, rank)
+            sums: dict[str, float] = {}
+            for index, questions in enumerate(micro_batches):
+                batch = collate_records(table.records(questions), processor).to(device, pixel_dtype)
+                last = index == len(micro_batches) - 1
+                with strategy.sync_context(last):  # DDP reads it in forward and backward
+                    with strategy.forward_context():
+                        output = student_loss(strategy.model, reference, batch, config.loss, config.rewards, vocab_size)
+                    strategy.backward(output.loss)
+                for name, value in step_metrics(output, batch).items():
+                    sums[name] = sums.get(name, 0.0) + value
+            grad_norm = strategy.step()
+            local = {n: v if n == "tokens" else v / len(micro_batches) for n, v in sums.items()}
+            local.update(grad_norm=grad_norm, peak_rss_mb=_peak_rss_mb())
+            metrics = _mean_over_workers(local, device)
+            seconds = time.perf_counter() - started
+            metrics.update(step=step + 1, epoch=step // plan.steps_per_epoch, seconds=seconds,
+                           tokens_per_s=metrics["tokens"] / seconds)  # fmt: skip
+            stage_metrics.append(metrics)
 
-        done = step + 1 == total_steps
-        periodic = train.checkpoint_every_steps and (step + 1) % train.checkpoint_every_steps == 0
-        if done or periodic:
-            report(step + 1, metrics, final=done)
-        elif (step + 1) % config.logging.log_every_steps == 0:
-            ray.train.report(metrics)
-    return history
+            done = step + 1 == stage.steps
+            periodic = train.checkpoint_every_steps and (step + 1) % train.checkpoint_every_steps == 0
+            if done or periodic:
+                report(metrics, stage, stage_metrics, final=done)
+            elif (step + 1) % config.logging.log_every_steps == 0:
+                ray.train.report(metrics)
 
 
 # --------------------------------------------------------------------------- the driver side
+
+
+@ray.remote(num_cpus=0)
+class RecordsGate:
+    """Hands the trainer each stage's records directory once the driver has written it.
+
+    The driver generates stages ahead of training; a worker asks for the next stage and waits.
+    A generation failure is passed on, so the workers stop instead of waiting forever.
+    """
+
+    def __init__(self):
+        self._directories: dict[str, str] = {}
+        self._error: str | None = None
+        self._changed = asyncio.Event()
+
+    def ready(self, stage_id: str, directory: str) -> None:
+        self._directories[stage_id] = directory
+        self._changed.set()
+
+    def fail(self, message: str) -> None:
+        self._error = message
+        self._changed.set()
+
+    async def wait(self, stage_id: str) -> str:
+        while stage_id not in self._directories:
+            if self._error is not None:
+                raise RuntimeError(f"no records for stage {stage_id!r}: {self._error}")
+            self._changed.clear()
+            await self._changed.wait()
+        return self._directories[stage_id]
 
 
 def _absolute_storage(storage_path: str) -> str:
@@ -341,40 +428,40 @@ def _absolute_storage(storage_path: str) -> str:
     return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
 
 
-def train_stage(
+def train_curriculum(
     config: MastersConfig,
-    stage_dir: str | Path,
+    stages: list[TrainingStage],
+    records_gate: ray.actor.ActorHandle,
     student_in: str | Path,
     reference: str | Path,
-    out_dir: str | Path,
     run_name: str,
     storage_path: str | None = None,
-    max_steps: int | None = None,
-) -> StageTrainResult:
-    """Train the student on one stage's records and write it to `out_dir`.
+) -> list[StageTrainResult]:
+    """Train the student through `stages` in order in one `fit()`; returns every stage's published result.
 
-    `student_in` is the previous stage's output (the initial student for the first stage);
-    `reference` stays the initial student for the whole run. `max_steps` caps the optimizer steps
-    (default: `train.epochs` passes over the stage). Re-running with the same `run_name` and
+    `student_in` is where training starts (the initial student, or the last finished stage's output
+    when the run's checkpoints are gone); `reference` stays the initial student for the whole run.
+    Stage records come through `records_gate`. Re-running with the same `run_name` and
     `storage_path` (default `config.storage_path`) continues from the run's latest checkpoint.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    for name, path in (("stage_dir", stage_dir), ("student_in", student_in), ("reference", reference)):
+    for name, path in (("student_in", student_in), ("reference", reference)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{name} {str(path)!r} does not exist")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1 or None (one pass per epoch), got {max_steps}")
+    for stage in stages:
+        if stage.steps < 1:
+            raise ValueError(f"stage {stage.stage_id!r} has {stage.steps} optimizer steps; it needs at least 1")
     train = config.train
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "stage_dir": str(Path(stage_dir).resolve()),
+            "stages": [asdict(stage) for stage in stages],
+            "records_gate": records_gate,
             "student_in": str(Path(student_in).resolve()),
             "reference": str(Path(reference).resolve()),
-            "max_steps": max_steps,
         },
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -386,19 +473,13 @@ def train_stage(
             name=run_name,
             storage_path=_absolute_storage(storage_path or config.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # the latest is what a resume needs
+            # A dead worker restarts the group from the latest checkpoint: nothing trained twice.
+            failure_config=FailureConfig(max_failures=train.max_failures),
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        directory = Path(directory)
-        steps = json.loads((directory / PROGRESS_FILE).read_text())["step"]
-        with atomic_directory(out_dir) as tmp:
-            shutil.copytree(directory / STUDENT_SUBDIR, tmp, dirs_exist_ok=True)
-    return StageTrainResult(
-        metrics=result.return_value or [],
-        student_dir=Path(out_dir),
-        checkpoint_path=result.checkpoint.path,
-        steps=steps,
-    )
+    trainer.fit()
+    results = [StageTrainResult.read(stage.out_dir) for stage in stages]
+    missing = [stage.stage_id for stage, result in zip(stages, results) if result is None]
+    if missing:
+        raise RuntimeError(f"training run {run_name!r} finished without publishing stages {missing}")
+    return results

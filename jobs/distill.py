@@ -23,7 +23,8 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from transformers import AutoProcessor
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from cluster.evaluation import evaluate_models
-    from cluster.pipeline import ServiceAddress, generate_student_responses, run_stage
-    from cluster.train import train_stage
+    from cluster.pipeline import ServiceAddress, generate_student_responses
+    from cluster.stage_store import read_manifest, stage_dir
+    from cluster.train import RecordsGate, TrainingStage, train_curriculum
     from masters.report import write_report
     from masters.tracking import MetricsLogger, read_metrics
     from serve.app import STUDENT
@@ -130,40 +132,29 @@ def main(argv: list[str] | None = None) -> int:
     if pending and config.loss.objective != "naive" and config.generation.group_student > 0:
         generate_student_responses(config, train_samples, run_dir, address, processor)
 
-    # 5. The curriculum: generation + rewards → training → evaluation, stage by stage.
+    # 5. The curriculum. Records never depend on the student being trained (its responses are fixed),
+    # so the driver generates stage after stage ahead of the trainer, and one Ray Train run goes
+    # through all stages, publishing each stage's student as it finishes; the driver evaluates it
+    # and records the curriculum position.
     student_dir = current_student(run_dir, state, model_paths[STUDENT])
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as generator:
-        # Generation of the next stage runs while the current one trains: the student's
-        # responses are fixed, so a stage's records never depend on the previous training.
-        next_records: Future | None = generator.submit(run_stage, config, pending[0], train_samples, run_dir, address, processor) if pending else None
-        for position, stage in enumerate(pending):
-            records = next_records.result()
-            logger.info(
-                "stage %s (%s): %s records in %s%s",
-                stage.stage_id,
-                stage.model_id,
-                records.manifest["counts"]["records"],
-                records.directory,
-                " (already generated)" if records.skipped else "",
-            )
-            next_records = (
-                generator.submit(run_stage, config, pending[position + 1], train_samples, run_dir, address, processor)
-                if position + 1 < len(pending)
-                else None
-            )
-            out_dir = run_dir / "checkpoints" / stage.stage_id.replace("/", "-") / "student"
-            trained = train_stage(
-                config,
-                records.directory,
-                student_in=student_dir,
-                reference=model_paths[STUDENT],
-                out_dir=out_dir,
-                run_name=f"{config.name}-{stage.stage_id.replace('/', '-')}",
-                storage_path=str(run_dir / "ray_train"),
-                max_steps=stage.optimizer_steps,
-            )
+    if pending:
+        records_gate = RecordsGate.remote()
+        generation = start_thread("generate", generate_stages, config, pending, train_samples, run_dir, address, processor, records_gate)
+        training = start_thread(
+            "train",
+            train_curriculum,
+            config,
+            [TrainingStage(stage.stage_id, stage.optimizer_steps, str(stage_output(run_dir, stage.stage_id))) for stage in pending],
+            records_gate,
+            student_in=student_dir,
+            reference=model_paths[STUDENT],
+            run_name=f"{config.name}-student",
+            storage_path=str(run_dir / "ray_train"),
+        )
+        for stage in pending:
+            trained = wait_for_stage(stage, run_dir, generation, training)
             val = evaluate_models(config, {"student": trained.student_dir}, "val", config.data.val_size)["student"]
-            stage_summary = summarize_stage(stage, trained, records.manifest, val)
+            stage_summary = summarize_stage(stage, trained, read_manifest(stage_dir(run_dir, stage.teacher, stage.teacher_stage)), val)
             metrics.log("stage", **stage_summary)
             for step_metrics in trained.metrics:
                 metrics.log("train_step", stage_id=stage.stage_id, **step_metrics)
@@ -173,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(
                 "stage %s done: val accuracy %.1f%%, %d steps", stage.stage_id, 100 * val["accuracy"], trained.steps
             )
+        training.result()
 
     # 6. The final student, its test accuracy next to the teachers', the report.
     final_dir = publish_student(student_dir, run_dir / "student")
@@ -290,11 +282,65 @@ def save_json(path: Path, payload) -> None:
     atomic_write_json(path, payload)
 
 
+def stage_output(run_dir: Path, stage_id: str) -> Path:
+    """Where the trainer publishes a stage's student (`student/`) and step metrics."""
+    return run_dir / "checkpoints" / stage_id.replace("/", "-")
+
+
 def current_student(run_dir: Path, state: CurriculumState, initial: Path) -> Path:
     """The student the next stage starts from: the last finished stage's output, or the initial student."""
     if not state.completed:
         return initial
-    return run_dir / "checkpoints" / state.completed[-1].replace("/", "-") / "student"
+    return stage_output(run_dir, state.completed[-1]) / "student"
+
+
+def start_thread(name: str, function, *args, **kwargs) -> Future:
+    """Run `function` in a daemon thread: a failure elsewhere ends the driver without waiting for it."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args, **kwargs))
+        except BaseException as error:  # handed to whoever waits on the future
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def generate_stages(config: MastersConfig, stages: list[Stage], train_samples, run_dir: Path, address, processor, records_gate) -> None:
+    """Generate (or find) each stage's records in order and hand them to the trainer."""
+    from cluster.pipeline import run_stage
+
+    for stage in stages:
+        try:
+            records = run_stage(config, stage, train_samples, run_dir, address, processor)
+        except Exception as error:
+            records_gate.fail.remote(f"{type(error).__name__}: {error}")
+            raise
+        logger.info(
+            "stage %s (%s): %s records in %s%s",
+            stage.stage_id,
+            stage.model_id,
+            records.manifest["counts"]["records"],
+            records.directory,
+            " (already generated)" if records.skipped else "",
+        )
+        records_gate.ready.remote(stage.stage_id, str(records.directory))
+
+
+def wait_for_stage(stage: Stage, run_dir: Path, generation: Future, training: Future):
+    """The stage's published training result; raises what stopped generation or training first."""
+    from cluster.train import StageTrainResult
+
+    while (trained := StageTrainResult.read(stage_output(run_dir, stage.stage_id))) is None:
+        for future in (generation, training):
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+        if training.done():
+            raise RuntimeError(f"training ended without publishing stage {stage.stage_id}")
+        time.sleep(0.5)
+    return trained
 
 
 def summarize_stage(stage: Stage, trained, manifest: dict, val: dict) -> dict:

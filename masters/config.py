@@ -203,6 +203,9 @@ class TrainConfig(_Section):
         None, ge=1, description="Total optimizer updates over the whole chain; None = one pass over the train split."
     )
     checkpoint_every_steps: int = Field(0, ge=0, description="0 = only at the end of each stage.")
+    max_failures: int = Field(
+        2, ge=0, description="Times Ray Train restarts the workers from the latest checkpoint after one dies."
+    )
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per training worker, e.g. {trainer_node: 1}."
     )

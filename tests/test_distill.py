@@ -87,7 +87,7 @@ def test_dry_run_prints_plan_and_resources(driver, no_ray_init, capsys):
 def test_dry_run_of_micro_config(driver, no_ray_init, capsys):
     assert driver.main(["--config", str(ROOT / MICRO), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "4 stages, 4 optimizer steps" in out  # 2 teachers x 2 mask levels, 4 questions per stage
+    assert "4 stages, 8 optimizer steps" in out  # 2 teachers x 2 mask levels, 4 questions = 2 updates per stage
     assert "teacher-m@0.05" in out and "teacher-l@0" in out
 
 
@@ -434,9 +434,10 @@ def read_json(path: Path) -> dict | None:
 
 @pytest.mark.slow
 def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
-    """SIGKILL while the second stage trains (the first is complete, the second's Ray Train run has
-    started, the third's generation runs alongside), then rerun: the student must match the
-    uninterrupted run's (bit for bit while the stage records match, within a pinned tolerance after)."""
+    """SIGKILL while the second stage trains (the first is complete and the trainer has checkpointed
+    the second stage's first update; the third's generation runs alongside), then rerun: the student
+    must match the uninterrupted run's (bit for bit while the stage records match, within a pinned
+    tolerance after)."""
     base, name = submitted_run.base, "killed"
     run_dir = base / "runs" / name
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray-kill-", dir="/tmp"))
@@ -453,8 +454,9 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
                     plan = plan or read_json(run_dir / "plan.json")
                     state = read_json(run_dir / "state.json") or {"completed": []}
                     if plan and state["completed"]:
-                        second = f"{name}-{plan[1]['teacher']}-{plan[1]['teacher_stage']}"
-                        if (run_dir / "ray_train" / second).exists():
+                        # The trainer's periodic checkpoint inside the second stage.
+                        second = f"{plan[1]['teacher']}-{plan[1]['teacher_stage']}-step_00001"
+                        if (run_dir / "ray_train" / f"{name}-student" / second).exists():
                             break
                     time.sleep(0.2)
                 log_tail = (base / "killed_1.log").read_text()[-4000:]
@@ -470,7 +472,9 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
         print(f"\nkilled the driver mid-stage; Ray processes still alive 10 s later (then killed): {strays}")
 
         state = read_json(run_dir / "state.json")
-        assert state["completed"] == [f"{plan[0]['teacher']}/{plan[0]['teacher_stage']}"]  # killed mid-stage 2
+        # Killed inside stage 2: its last update and publication may have won the race, nothing later.
+        stage_ids = [f"{stage['teacher']}/{stage['teacher_stage']}" for stage in plan]
+        assert state["completed"] in (stage_ids[:1], stage_ids[:2]), state["completed"]
         assert not (run_dir / "student").exists()
 
         started = time.perf_counter()

@@ -1,12 +1,13 @@
 """The Ray Train student trainer on 2 CPU workers: pinned losses, resume equivalence, strategies agree.
 
 Each `TorchTrainer.fit` costs seconds (worker start-up and imports), so the runs are module-scoped
-and shared: one 4-step DDP run is the reference for every comparison.
+and shared: one DDP run of two 2-step stages is the reference for every comparison.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,24 @@ from safetensors.torch import load_file
 from test_batching import synthetic_records, write_stage
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from cluster.train import PROGRESS_FILE, TRAIN_STATE_FILE, train_stage
+from cluster.train import (
+    PROGRESS_FILE,
+    TRAIN_STATE_FILE,
+    RecordsGate,
+    StageTrainResult,
+    TrainingStage,
+    train_curriculum,
+)
 from masters.config import MastersConfig
 from masters.models import load_model
 
 STEPS = 4
+# Two stages of 2 updates each over the same records: one optimizer runs through both, and stage b
+# draws its batches from the start of its table again.
+STAGES = (("teacher-l/0", 2), ("teacher-l/1", 2))
 # Observed with the micro model and the records below (2 workers, 4 questions per update, 2 micro-batches).
-PINNED_LOSS = [0.5172986, 0.5319923, 0.5184702, 0.5356612]
-PINNED_LAST_STEP = {"jsd": 0.5319469, "grpo": 0.0037143, "kl": 0.0329638, "divergence": 0.5396663}
+PINNED_LOSS = [0.5172986, 0.5319923, 0.5208186, 0.5339034]
+PINNED_LAST_STEP = {"jsd": 0.5308599, "grpo": 0.0030435, "kl": 0.0271809, "divergence": 0.5384842}
 PINNED_TOLERANCE = 1e-4  # float32 reduction order may differ across torch builds, not more
 # FSDP2 and DeepSpeed reduce gradients in a different order than DDP: float32 rounding, nothing more.
 STRATEGY_TOLERANCE = 1e-5
@@ -37,6 +48,7 @@ def trainer_config(strategy: str = "ddp", **train) -> MastersConfig:
             "lr": 1e-3,  # large enough that four steps move a random micro model measurably
             "questions_per_batch": 4,
             "grad_accum_steps": 2,
+            "max_failures": 0,
             "seed": 0,
             **train,
         },
@@ -57,24 +69,28 @@ def storage(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def run(config, stage, micro_model_dir, storage, name, max_steps):
-    return train_stage(
-        config, stage, micro_model_dir, micro_model_dir, storage / "out" / name, name, str(storage), max_steps=max_steps
-    )
+def run(config, stage, micro_model_dir, storage, name, stages=STAGES) -> list[StageTrainResult]:
+    """Train `stages` (all over the records in `stage`) as run `name`."""
+    records_gate = RecordsGate.remote()
+    for stage_id, _ in stages:
+        records_gate.ready.remote(stage_id, str(stage))
+    plan = [TrainingStage(stage_id, steps, str(storage / "out" / name / stage_id.replace("/", "-"))) for stage_id, steps in stages]
+    return train_curriculum(config, plan, records_gate, micro_model_dir, micro_model_dir, name, str(storage))
 
 
 @pytest.fixture(scope="module")
 def ddp_run(ray_session, stage, micro_model_dir, storage):
-    return run(trainer_config("ddp"), stage, micro_model_dir, storage, "ddp-straight", STEPS)
+    return run(trainer_config("ddp"), stage, micro_model_dir, storage, "ddp-straight")
 
 
 def weights(student_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(student_dir / "model.safetensors")
 
 
-def test_ddp_losses_are_pinned(ddp_run, micro_model_dir):
-    metrics = ddp_run.metrics
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+def test_ddp_losses_are_pinned(ddp_run, micro_model_dir, storage):
+    first, second = ddp_run
+    assert [m["step"] for m in first.metrics] == [1, 2] and [m["step"] for m in second.metrics] == [1, 2]
+    metrics = first.metrics + second.metrics
     for name in ("loss", "jsd", "grpo", "kl", "divergence", "accuracy_reward", "distill_reward", "tokens_per_s"):
         assert all(name in m for m in metrics), name
     assert [m["loss"] for m in metrics] == pytest.approx(PINNED_LOSS, abs=PINNED_TOLERANCE)
@@ -82,24 +98,25 @@ def test_ddp_losses_are_pinned(ddp_run, micro_model_dir):
         assert metrics[-1][name] == pytest.approx(value, abs=PINNED_TOLERANCE), name
     assert metrics[0]["kl"] == 0.0 and metrics[-1]["kl"] > 0  # the student leaves the reference
 
-    # The stage's student: Hugging Face format, loadable as is, and trained.
-    assert ddp_run.steps == STEPS
-    model = AutoModelForImageTextToText.from_pretrained(ddp_run.student_dir)
-    AutoProcessor.from_pretrained(ddp_run.student_dir)
-    trained, initial = weights(ddp_run.student_dir), weights(micro_model_dir)
-    assert trained.keys() == initial.keys()
-    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+    # Each stage's student: Hugging Face format, loadable as is, and trained further by each stage.
+    assert (first.steps, second.steps) == (2, 2)
+    model = AutoModelForImageTextToText.from_pretrained(second.student_dir)
+    AutoProcessor.from_pretrained(second.student_dir)
+    initial, after_first, after_second = (weights(d) for d in (micro_model_dir, first.student_dir, second.student_dir))
+    assert after_second.keys() == initial.keys()
+    assert any(not torch.equal(after_first[k], initial[k]) for k in initial)
+    assert any(not torch.equal(after_second[k], after_first[k]) for k in initial)
     assert sum(p.numel() for p in model.parameters()) > 0
-    checkpoint = Path(ddp_run.checkpoint_path)
+    # The run's latest checkpoint: the end of the last stage, with the optimizer state and the student.
+    checkpoint = storage / "ddp-straight" / "teacher-l-1-end"
     assert (checkpoint / TRAIN_STATE_FILE).is_file() and (checkpoint / "student" / "config.json").is_file()
-    assert json.loads((checkpoint / PROGRESS_FILE).read_text())["step"] == STEPS
+    progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+    assert progress["completed"] == [stage_id for stage_id, _ in STAGES] and progress["stage_id"] is None
 
 
-def assert_same_run(result, reference, tolerance: float) -> None:
+def assert_same_student(result: StageTrainResult, reference: StageTrainResult, tolerance: float) -> None:
     for name in ("loss", "jsd", "grpo", "kl", "divergence", "grad_norm"):
-        assert [m[name] for m in result.metrics] == pytest.approx(
-            [m[name] for m in reference.metrics[-len(result.metrics) :]], abs=tolerance
-        ), name
+        assert [m[name] for m in result.metrics] == pytest.approx([m[name] for m in reference.metrics], abs=tolerance), name
     expected, obtained = weights(reference.student_dir), weights(result.student_dir)
     assert obtained.keys() == expected.keys()
     for name in expected:
@@ -107,22 +124,40 @@ def assert_same_run(result, reference, tolerance: float) -> None:
 
 
 def test_resumed_fsdp2_run_matches_uninterrupted_ddp_run(ddp_run, stage, micro_model_dir, storage):
-    """Stop after 2 of 4 steps, re-run under the same name: the last 2 steps and the final weights
-    equal the uninterrupted run's. FSDP2 (sharded state, gathered to save) is the hardest case for
-    resume, and it doubles as the FSDP2-vs-DDP check; DDP resumes through the same code."""
+    """Train stage a, stop, then run a and b under the same name: a is not trained again, b starts
+    from a's checkpoint (weights and AdamW state), and the result equals the uninterrupted run's.
+    FSDP2 (sharded state, gathered to save) is the hardest case for resume, and it doubles as the
+    FSDP2-vs-DDP check; DDP resumes through the same code. Stage a's published output is removed
+    before the resume, as if the driver had died between the checkpoint and the publication: the
+    restored worker publishes it again from the checkpoint."""
     config = trainer_config("fsdp2", checkpoint_every_steps=1)
-    first = run(config, stage, micro_model_dir, storage, "fsdp2-resumed", max_steps=2)
-    assert [m["step"] for m in first.metrics] == [1, 2]
-    # Same run name and storage: Ray Train V2 hands the workers the step-2 checkpoint.
-    resumed = run(config, stage, micro_model_dir, storage, "fsdp2-resumed", max_steps=STEPS)
-    assert [m["step"] for m in resumed.metrics] == [3, 4]
-    assert resumed.steps == STEPS
-    assert_same_run(resumed, ddp_run, STRATEGY_TOLERANCE)
+    (first,) = run(config, stage, micro_model_dir, storage, "fsdp2-resumed", stages=STAGES[:1])
+    assert_same_student(first, ddp_run[0], STRATEGY_TOLERANCE)
+    published = weights(first.student_dir)
+    shutil.rmtree(first.student_dir.parent)
+
+    # Same run name and storage: Ray Train V2 hands the workers the end-of-stage-a checkpoint.
+    resumed_first, resumed_second = run(config, stage, micro_model_dir, storage, "fsdp2-resumed")
+    assert resumed_first.metrics == first.metrics and weights(resumed_first.student_dir).keys() == published.keys()
+    for name, tensor in published.items():
+        assert torch.equal(weights(resumed_first.student_dir)[name], tensor), name
+    assert [m["step"] for m in resumed_second.metrics] == [1, 2]
+    assert_same_student(resumed_second, ddp_run[1], STRATEGY_TOLERANCE)
 
 
 def test_deepspeed_zero3_matches_ddp(ddp_run, stage, micro_model_dir, storage):
     # Its first run on a machine JIT-builds DeepSpeed's shared-memory comm op (~40 s, cached afterwards).
     config = trainer_config("deepspeed", zero_stage=3, checkpoint_every_steps=2)
-    result = run(config, stage, micro_model_dir, storage, "deepspeed-straight", STEPS)
-    assert [m["step"] for m in result.metrics] == [1, 2, 3, 4]
-    assert_same_run(result, ddp_run, STRATEGY_TOLERANCE)
+    result = run(config, stage, micro_model_dir, storage, "deepspeed-straight")
+    for obtained, expected in zip(result, ddp_run):
+        assert_same_student(obtained, expected, STRATEGY_TOLERANCE)
+
+
+def test_failed_generation_stops_the_trainer(ray_session, micro_model_dir, storage):
+    """The driver reports a generation failure through the gate: the workers stop, nothing waits forever."""
+    records_gate = RecordsGate.remote()
+    records_gate.fail.remote("ValueError: judge endpoint unreachable")
+    plan = [TrainingStage("teacher-l/0", 1, str(storage / "out" / "gen-failed" / "teacher-l-0"))]
+    with pytest.raises(Exception, match="judge endpoint unreachable"):
+        train_curriculum(trainer_config("ddp"), plan, records_gate, micro_model_dir, micro_model_dir, "gen-failed", str(storage))
+    assert StageTrainResult.read(plan[0].out_dir) is None
