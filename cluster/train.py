@@ -423,11 +423,6 @@ class RecordsGate:
         return self._directories[stage_id]
 
 
-def _absolute_storage(storage_path: str) -> str:
-    # Ray needs an absolute local path; URIs (s3://, gs://, …) pass through.
-    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
-
-
 def train_curriculum(
     config: MastersConfig,
     stages: list[TrainingStage],
@@ -471,7 +466,7 @@ def train_curriculum(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=_absolute_storage(storage_path or config.storage_path),
+            storage_path=str(Path(storage_path or config.storage_path).resolve()),  # Ray wants it absolute
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # the latest is what a resume needs
             # A dead worker restarts the group from the latest checkpoint: nothing trained twice.
             failure_config=FailureConfig(max_failures=train.max_failures),

@@ -264,7 +264,9 @@ class LoggingConfig(_Section):
 
 class MastersConfig(_Section):
     name: str = Field("default", description="Run name: results land in `<storage_path>/<name>/`; rerun to resume.")
-    storage_path: str = Field("runs", description="Local directory or pyarrow filesystem URI (s3://…) shared by all nodes.")
+    storage_path: str = Field(
+        "runs", description="Directory of the runs; on a cluster, a read-write file system every node mounts at this path."
+    )
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -281,6 +283,18 @@ class MastersConfig(_Section):
         if not name or "/" in name or name.startswith("."):
             raise ValueError("must be a plain directory name (no '/', not starting with '.')")
         return name
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_is_a_path(cls, storage_path: str) -> str:
+        # The driver, the reward pipeline and the trainer all read and write the run directory with
+        # ordinary file I/O, so an object-store URI would silently become a local directory.
+        if "://" in storage_path:
+            raise ValueError(
+                "must be a directory path, not a URI: mount the bucket or network file system on every node "
+                "(NFS/EFS, FSx, a FUSE mount such as mountpoint-s3) and give its path, e.g. /mnt/runs"
+            )
+        return storage_path
 
     @model_validator(mode="after")
     def _naive_is_unmasked(self) -> MastersConfig:

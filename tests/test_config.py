@@ -28,6 +28,7 @@ def test_defaults_are_the_method_values():
         (["models.teachers=[]"], "needs at least one teacher"),
         (["train.num_workers=two"], "train.num_workers: Input should be a valid integer"),
         (["lr"], "must look like `section.field=value`"),
+        (["storage_path=s3://bucket/runs"], "storage_path: must be a directory path, not a URI"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(overrides, expected):
