@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -522,36 +522,79 @@ def run_stage(
     processor,
 ) -> StepResult:
     """Produce (or find) the records of `stage` in `runs/<name>/stages/<teacher>/<k>/`."""
-    samples = stage_samples(stage, train_samples)
-    question_ids = _check_unique(samples)
-    teacher, mask_ratio, stage_index = stage.teacher, stage.mask_ratio, stage.teacher_stage
-    if teacher not in [t.name for t in config.models.teachers]:
-        raise ValueError(f"stage teacher {teacher!r} is not in models.teachers ({[t.name for t in config.models.teachers]})")
+    (result,) = run_stages(config, [stage], train_samples, run_dir, address, processor)
+    return result
+
+
+@dataclass
+class _PendingStage:
+    """A stage being produced by `run_stages`: its questions, where it goes, and what arrived so far."""
+
+    stage: Stage
+    question_ids: list[str]
+    directory: Path
+    config_hash: str
+    rows: list[dict]
+    tally: _StageTally = field(default_factory=lambda: _StageTally())
+    writer: PartWriter | None = None
+    arrived: int = 0  # groups seen, written or dropped
+
+
+def run_stages(
+    config: MastersConfig,
+    stages: Sequence[Stage],
+    train_samples: Sequence[VQASample],
+    run_dir: str | Path,
+    address: ServiceAddress,
+    processor,
+    on_stage_done: Callable[[Stage, StepResult], None] | None = None,
+) -> list[StepResult]:
+    """Produce (or find) the records of `stages`, in order, through one Ray Data execution.
+
+    Every stage's questions stream through the same sampling tasks and reward actor pool (each row
+    asks its own stage's teacher level), so the pool starts once, not once per stage. Each stage
+    is still its own directory: written atomically when its last group arrives, then reported to
+    `on_stage_done` (which the driver uses to hand it to the trainer). A stage already complete is
+    skipped; anything else of it is removed and redone from the start.
+    """
     generation = config.generation
     naive = config.loss.objective == "naive"
-    students: dict[str, list[dict]] = {}
-    student_hash = None
-    if not naive and generation.group_student:
-        students, student_hash = _student_groups(run_dir, config, question_ids)
-    directory = stage_dir(run_dir, teacher, stage_index)
-    config_hash = stage_config_hash(config, teacher, mask_ratio, stage_index, question_ids, student_hash)
-    if is_complete(directory, config_hash):
-        logger.info("stage %s is complete; skipping", stage.stage_id)
-        return StepResult(directory, read_manifest(directory), skipped=True)
-    if read_manifest(directory) is not None:
-        logger.warning("stage %s was written under another config or is damaged; redoing it", stage.stage_id)
-    remove_partial(directory)
+    results: dict[str, StepResult] = {}
+    pending: dict[tuple[str, int], _PendingStage] = {}
+    for stage in stages:
+        samples = stage_samples(stage, train_samples)
+        question_ids = _check_unique(samples)
+        teacher, mask_ratio, stage_index = stage.teacher, stage.mask_ratio, stage.teacher_stage
+        if teacher not in [t.name for t in config.models.teachers]:
+            raise ValueError(f"stage teacher {teacher!r} is not in models.teachers ({[t.name for t in config.models.teachers]})")
+        students: dict[str, list[dict]] = {}
+        student_hash = None
+        if not naive and generation.group_student:
+            students, student_hash = _student_groups(run_dir, config, question_ids)
+        directory = stage_dir(run_dir, teacher, stage_index)
+        config_hash = stage_config_hash(config, teacher, mask_ratio, stage_index, question_ids, student_hash)
+        if is_complete(directory, config_hash):
+            logger.info("stage %s is complete; skipping", stage.stage_id)
+            results[stage.stage_id] = StepResult(directory, read_manifest(directory), skipped=True)
+            if on_stage_done:
+                on_stage_done(stage, results[stage.stage_id])
+            continue
+        if read_manifest(directory) is not None:
+            logger.warning("stage %s was written under another config or is damaged; redoing it", stage.stage_id)
+        remove_partial(directory)
+        rows = _question_rows(samples, processor, teacher, mask_ratio, stage_index, stage.model_id)
+        for row, sample in zip(rows, samples):
+            if naive:
+                eos = processor.tokenizer.eos_token_id
+                token_ids = processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [eos]
+                row["responses"] = [{"source": "dataset", "text": sample.answer, "token_ids": token_ids}]
+            else:
+                row["responses"] = students.get(sample.id, [])
+        pending[(teacher, stage_index)] = _PendingStage(stage, question_ids, directory, config_hash, rows)
+    if not pending:
+        return [results[stage.stage_id] for stage in stages]
 
-    model = stage.model_id
-    rows = _question_rows(samples, processor, teacher, mask_ratio, stage_index, model)
-    for row, sample in zip(rows, samples):
-        if naive:
-            eos = processor.tokenizer.eos_token_id
-            token_ids = processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [eos]
-            row["responses"] = [{"source": "dataset", "text": sample.answer, "token_ids": token_ids}]
-        else:
-            row["responses"] = students.get(sample.id, [])
-    dataset = _dataset(rows, config)
+    dataset = _dataset([row for item in pending.values() for row in item.rows], config)
     if not naive and generation.group_teacher:
         dataset = _with_samples(
             dataset, config, address, n=generation.teacher_responses, keep=generation.group_teacher, source="teacher"
@@ -575,23 +618,51 @@ def run_stage(
         max_task_retries=-1,
     )
 
-    tally = _StageTally()
-    with PartWriter(directory, STAGE_SCHEMA, kind="stage") as writer:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            kept = tally.add(batch, config.rewards.judge.on_failure, stage.stage_id)
-            writer.write(kept)
-        manifest = writer.finish(
-            question_ids,
-            missing_ok=tally.dropped,
-            config_hash=config_hash,
-            stage=stage.to_dict(),
-            model_id=model,
+    def finish(item: _PendingStage) -> None:
+        manifest = item.writer.finish(
+            item.question_ids,
+            missing_ok=item.tally.dropped,
+            config_hash=item.config_hash,
+            stage=item.stage.to_dict(),
+            model_id=item.stage.model_id,
             objective=config.loss.objective,
-            counts=tally.counts(len(question_ids)),
-            judge=tally.judge_summary(config, judge_endpoint, judge_model),
-            dropped=[{"question_id": qid, "reason": reason} for qid, reason in sorted(tally.dropped.items())],
+            counts=item.tally.counts(len(item.question_ids)),
+            judge=item.tally.judge_summary(config, judge_endpoint, judge_model),
+            dropped=[{"question_id": qid, "reason": reason} for qid, reason in sorted(item.tally.dropped.items())],
         )
-    return StepResult(directory, manifest, skipped=False, execution_stats=dataset.stats())
+        item.writer.__exit__(None, None, None)  # renames the stage directory into place
+        item.writer = None
+        results[item.stage.stage_id] = StepResult(item.directory, manifest, skipped=False)
+        if on_stage_done:
+            on_stage_done(item.stage, results[item.stage.stage_id])
+
+    try:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            by_stage: dict[tuple[str, int], list[int]] = {}
+            for index, key in enumerate(zip(batch.column("teacher").to_pylist(), batch.column("stage_index").to_pylist())):
+                by_stage.setdefault(key, []).append(index)
+            for key, indices in by_stage.items():
+                item = pending[key]
+                if item.writer is None:
+                    item.writer = PartWriter(item.directory, STAGE_SCHEMA, kind="stage").__enter__()
+                part = batch.take(indices)
+                item.writer.write(item.tally.add(part, config.rewards.judge.on_failure, item.stage.stage_id))
+                item.arrived += part.num_rows
+                if item.arrived == len(item.question_ids):
+                    finish(item)
+    except BaseException as error:
+        # Unfinished stages leave nothing behind; finished ones stay (they are complete).
+        for item in pending.values():
+            if item.writer is not None:
+                item.writer.__exit__(type(error), error, error.__traceback__)
+        raise
+    unfinished = [item.stage.stage_id for item in pending.values() if item.stage.stage_id not in results]
+    if unfinished:
+        raise RuntimeError(f"the pipeline ended before every group of stages {unfinished} arrived; nothing of them was written")
+    stats = dataset.stats()
+    for item in pending.values():
+        results[item.stage.stage_id].execution_stats = stats
+    return [results[stage.stage_id] for stage in stages]
 
 
 def _finite_or_none(value: float) -> float | None:

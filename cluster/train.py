@@ -407,6 +407,7 @@ class RecordsGate:
         self._changed = asyncio.Event()
 
     def ready(self, stage_id: str, directory: str) -> None:
+        """`directory` must be absolute: the workers' working directory is not the caller's."""
         self._directories[stage_id] = directory
         self._changed.set()
 
@@ -453,7 +454,8 @@ def train_curriculum(
         train_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "stages": [asdict(stage) for stage in stages],
+            # Absolute: the workers' working directory is not the driver's.
+            "stages": [{**asdict(stage), "out_dir": str(Path(stage.out_dir).resolve())} for stage in stages],
             "records_gate": records_gate,
             "student_in": str(Path(student_in).resolve()),
             "reference": str(Path(reference).resolve()),

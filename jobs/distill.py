@@ -309,15 +309,10 @@ def start_thread(name: str, function, *args, **kwargs) -> Future:
 
 
 def generate_stages(config: MastersConfig, stages: list[Stage], train_samples, run_dir: Path, address, processor, records_gate) -> None:
-    """Generate (or find) each stage's records in order and hand them to the trainer."""
-    from cluster.pipeline import run_stage
+    """Generate (or find) the stages' records in one pipeline, handing each to the trainer as it is written."""
+    from cluster.pipeline import run_stages
 
-    for stage in stages:
-        try:
-            records = run_stage(config, stage, train_samples, run_dir, address, processor)
-        except Exception as error:
-            records_gate.fail.remote(f"{type(error).__name__}: {error}")
-            raise
+    def hand_over(stage: Stage, records) -> None:
         logger.info(
             "stage %s (%s): %s records in %s%s",
             stage.stage_id,
@@ -326,7 +321,13 @@ def generate_stages(config: MastersConfig, stages: list[Stage], train_samples, r
             records.directory,
             " (already generated)" if records.skipped else "",
         )
-        records_gate.ready.remote(stage.stage_id, str(records.directory))
+        records_gate.ready.remote(stage.stage_id, str(Path(records.directory).resolve()))
+
+    try:
+        run_stages(config, stages, train_samples, run_dir, address, processor, on_stage_done=hand_over)
+    except Exception as error:
+        records_gate.fail.remote(f"{type(error).__name__}: {error}")
+        raise
 
 
 def wait_for_stage(stage: Stage, run_dir: Path, generation: Future, training: Future):

@@ -442,11 +442,18 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
     run_dir = base / "runs" / name
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray-kill-", dir="/tmp"))
     env = run_environment(ray_tmpdir)
-    command = [sys.executable, *driver_args(base, name, free_ports(1)[0])]
+    # Run from `base` with a relative storage_path, as `python jobs/distill.py` runs by default: every
+    # path the driver hands to Ray workers (whose working directory differs) must survive that.
+    command = [
+        sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(ROOT / MICRO),
+        "--set", "storage_path=runs", "--set", f"models.zoo_dir={base / 'zoo'}",
+        "--set", f"models.zoo_config={ROOT / 'configs' / 'zoo' / 'micro.yaml'}",
+        "--set", f"name={name}", "--set", f"serve.port={free_ports(1)[0]}",
+    ]  # fmt: skip
     plan = None
     try:
         with (base / "killed_1.log").open("w") as log:
-            driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            driver = subprocess.Popen(command, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)  # fmt: skip
             try:
                 deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -479,7 +486,7 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
 
         started = time.perf_counter()
         with (base / "killed_2.log").open("w") as log:
-            result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            result = subprocess.run(command, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     timeout=RUN_TIMEOUT_S, start_new_session=True)  # fmt: skip
         print(f"resumed run: {time.perf_counter() - started:.0f}s")
         assert result.returncode == 0, (base / "killed_2.log").read_text()[-6000:]

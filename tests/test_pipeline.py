@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.judge import JudgeClient, JudgeError
-from cluster.pipeline import ServiceAddress, StageFailedError, generate_student_responses, run_stage
+from cluster.pipeline import ServiceAddress, StageFailedError, generate_student_responses, run_stage, run_stages
 from cluster.stage_store import MANIFEST, read_parts, stage_dir, student_responses_dir
 from jobs import inspect_stage
 from masters.config import validate_config
@@ -298,6 +298,37 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     assert [r.responses[0].token_ids for r in table_to_records(read_parts(redone.directory))] == [
         r.responses[0].token_ids for r in records
     ]
+
+
+def test_all_stages_in_one_pipeline(service, tmp_path):
+    """Both levels through one Ray Data execution: each stage lands in its own directory with exactly
+    its questions at its own level and is reported once complete; a rerun skips both untouched."""
+    config = _config(tmp_path, service["port"], service["model_dir"])
+    plan, train = _stage_inputs(config)
+    assert [stage.mask_ratio for stage in plan] == [0.05, 0.0]
+    run_dir, address = tmp_path / "pipe", ServiceAddress()
+    generate_student_responses(config, train, run_dir, address, service["processor"])
+
+    reported = []
+    results = run_stages(
+        config, plan, train, run_dir, address, service["processor"],
+        on_stage_done=lambda stage, result: reported.append((stage.stage_id, result.skipped, result.directory.is_dir())),
+    )  # fmt: skip
+    assert sorted(reported) == [(stage.stage_id, False, True) for stage in plan]
+    for stage, result in zip(plan, results):
+        assert result.directory == stage_dir(run_dir, TEACHER, stage.teacher_stage)
+        records = table_to_records(read_parts(result.directory))
+        assert sorted(r.question_id for r in records) == sorted(train[i].id for i in stage.question_indices)
+        assert all(r.mask_ratio == pytest.approx(stage.mask_ratio) and r.stage_index == stage.teacher_stage for r in records)
+        assert result.manifest["model_id"] == stage.model_id
+    assert sorted(p.name for p in stage_dir(run_dir, TEACHER, 0).parent.iterdir()) == ["0", "1"]  # no temp leftovers
+
+    before = [_directory_state(result.directory) for result in results]
+    reported.clear()
+    again = run_stages(config, plan, train, run_dir, address, service["processor"],
+                       on_stage_done=lambda stage, result: reported.append((stage.stage_id, result.skipped)))  # fmt: skip
+    assert reported == [(stage.stage_id, True) for stage in plan] and all(result.skipped for result in again)
+    assert [_directory_state(result.directory) for result in again] == before
 
 
 def test_naive_objective_scores_dataset_answers_with_the_unmasked_teacher(service, tmp_path):
