@@ -1,4 +1,4 @@
-"""The generation and reward pipeline of one stage (design.md, steps 3-4), on Ray Data.
+"""The generation and reward pipeline of the curriculum's stages (design.md, steps 3-4), on Ray Data.
 
     stage questions ──► sample the teacher at the stage's level (`teacher_responses` each)
         ──► groups: `group_teacher` teacher + `group_student` student responses (stored once per run)
@@ -9,7 +9,7 @@ The teacher service is reached through a Serve handle inside the cluster or over
 address that speaks our OpenAI-compatible API with `token_ids` and `/v1/score`). The naive
 baseline (`loss.objective == "naive"`) skips sampling: its group is the dataset answer alone,
 scored by the unmasked teacher. A stage whose manifest matches is skipped; anything else is
-removed and redone from the start.
+removed and redone from the start. `run_stages` streams several stages through one execution.
 """
 
 from __future__ import annotations
