@@ -5,8 +5,8 @@
         ──► reward actor pool: R_acc (rule or LLM judge) + the teacher's top-k log-probs per token
         ──► driver: exactly-once check, Parquet parts + manifest, renamed into `stages/<teacher>/<k>/`
 
-The teacher service is reached through a Serve handle inside the cluster or over HTTP (any
-address that speaks our OpenAI-compatible API with `token_ids` and `/v1/score`). The naive
+The teacher service is reached through a Serve handle inside the cluster or over HTTP; what runs in
+the Ray workers (sampling tasks, reward actors) lives in `cluster.responses`. The naive
 baseline (`loss.objective == "naive"`) skips sampling: its group is the dataset answer alone,
 scored by the unmasked teacher. A stage whose manifest matches is skipped; anything else is
 removed and redone from the start. `run_stages` streams several stages through one execution.
@@ -14,27 +14,19 @@ removed and redone from the start. `run_stages` streams several stages through o
 
 from __future__ import annotations
 
-import base64
-import functools
 import hashlib
 import json
 import logging
 import math
-import os
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-import httpx
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
-from ray.serve.handle import DeploymentHandle
 
-from cluster.judge import JudgeClient, JudgeError
+from cluster.responses import DRAFT_RESPONSE_TYPE, DRAFT_SCHEMA, RewardScorer, ServiceAddress, sample_responses
 from cluster.stage_store import (
     PartWriter,
     is_complete,
@@ -50,274 +42,20 @@ from masters.data import VQASample
 from masters.data.export import png_bytes
 from masters.models import build_prompt
 from masters.records import SCHEMA_VERSION, STAGE_SCHEMA
-from masters.rewards import rule_accuracy
-from serve.api import ChatCompletionRequest, ChatCompletionResponse, ScoreData, ScoreRequest, ScoreResponse
-from serve.app import model_handle
 from serve.levels import STUDENT, model_id
 
 logger = logging.getLogger(__name__)
 
-# A generated response before rewards: what sampling and the student join produce.
-DRAFT_RESPONSE_TYPE = pa.struct([("source", pa.string()), ("text", pa.string()), ("token_ids", pa.list_(pa.int32()))])
-# Rows between the steps: the stage record's question fields, the model to ask, the draft group.
-DRAFT_SCHEMA = pa.schema(
-    [*(STAGE_SCHEMA.field(name) for name in STAGE_SCHEMA.names if name != "responses"),
-     ("model_id", pa.string()),
-     ("responses", pa.list_(DRAFT_RESPONSE_TYPE))]
-)
-# What the reward actors emit: stage records plus bookkeeping the driver strips before writing.
-SCORED_SCHEMA = STAGE_SCHEMA.append(pa.field("judge_calls", pa.int32())).append(
-    pa.field("judge_retries", pa.int32())
-).append(pa.field("judge_failure", pa.string()))  # null, or why this group has no R_acc
 STUDENT_SCHEMA = pa.schema([("question_id", pa.string()), ("responses", pa.list_(DRAFT_RESPONSE_TYPE))])
 
 # Sampling tasks only wait on the teacher service: a sliver of CPU each, a few in flight so the
 # engine's batch queue never runs dry.
 SAMPLING_TASK_CPUS = 0.05
 SAMPLING_TASKS = 2
-# Judge requests one reward actor keeps in flight.
-JUDGE_CALLS_IN_FLIGHT = 16
-# Requests to our own service are retried when it is overloaded (503) or restarting.
-SERVICE_RETRIES = 5
-SERVICE_BACKOFF_S = 0.5
 
 
 class StageFailedError(RuntimeError):
     """A stage that cannot be written under its failure policy; nothing of it is left on disk."""
-
-
-# --------------------------------------------------------------------------- reaching the models
-
-
-@dataclass(frozen=True)
-class ServiceAddress:
-    """Where the teacher service answers: Serve handles in this cluster (`http_url=None`), or an HTTP base URL.
-
-    Picklable, so each Ray worker connects on its own (`connect()`). Over HTTP the service must speak
-    our API: `token_ids` on each choice and `/v1/score` (serve/api.py).
-    """
-
-    http_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
-    api_key_env: str | None = None
-    timeout_s: float = 300.0
-
-    def connect(self, config: MastersConfig) -> ModelClient:
-        if self.http_url is None:
-            return ServeModelClient(config)
-        return HttpModelClient(self.http_url, self.api_key_env, self.timeout_s)
-
-
-class ModelClient(Protocol):
-    """Chat completions and scores from the teacher service, all requests of a call in flight at once."""
-
-    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]: ...
-
-    def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]: ...
-
-
-class ServeModelClient:
-    """Calls the Serve deployments directly through handles (no HTTP hop inside the cluster)."""
-
-    def __init__(self, config: MastersConfig):
-        self.config = config
-        self._handles: dict[str, DeploymentHandle] = {}
-
-    def _handle(self, requested: str) -> DeploymentHandle:
-        if requested not in self._handles:
-            self._handles[requested] = model_handle(self.config, requested)
-        return self._handles[requested]
-
-    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]:
-        pending = [self._handle(request.model).generate.remote(request) for request in requests]
-        return [response.result() for response in pending]
-
-    def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
-        pending = [self._handle(request.model).score.remote(request) for request in requests]
-        return [response.result() for response in pending]
-
-
-class HttpModelClient:
-    """Our API over HTTP, with retries while the service is overloaded (503) or restarting."""
-
-    def __init__(self, base_url: str, api_key_env: str | None, timeout_s: float, concurrency: int = 32):
-        headers = {}
-        if api_key_env is not None:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise ValueError(f"the teacher service's API key variable {api_key_env!r} is not set in the environment")
-            headers["Authorization"] = f"Bearer {key}"
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(timeout=timeout_s, headers=headers, limits=httpx.Limits(max_connections=concurrency))
-        self._pool = ThreadPoolExecutor(concurrency)
-
-    def _post(self, route: str, payload: dict) -> dict:
-        url = f"{self.base_url}{route}"
-        for attempt in range(SERVICE_RETRIES + 1):
-            if attempt:
-                time.sleep(SERVICE_BACKOFF_S * 2 ** (attempt - 1))
-            try:
-                reply = self._http.post(url, json=payload)
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                continue
-            if reply.status_code in (429, 502, 503, 504):
-                problem = f"HTTP {reply.status_code}: {reply.text[:200]}"
-                continue
-            if reply.status_code != 200:
-                raise RuntimeError(f"POST {url} answered HTTP {reply.status_code}: {reply.text[:500]}")
-            return reply.json()
-        raise RuntimeError(f"POST {url} failed {SERVICE_RETRIES + 1} times; last error: {problem}")
-
-    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]:
-        payloads = [request.model_dump(exclude_none=True) for request in requests]
-        replies = self._pool.map(lambda payload: self._post("/chat/completions", payload), payloads)
-        return [ChatCompletionResponse.model_validate(reply) for reply in replies]
-
-    def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
-        payloads = [request.model_dump(exclude_none=True) for request in requests]
-        replies = self._pool.map(lambda payload: self._post("/score", payload), payloads)
-        return [ScoreResponse.model_validate(reply) for reply in replies]
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_client(address: ServiceAddress, config_json: str) -> ModelClient:
-    """One client per worker process: Ray reuses workers across sampling tasks, and handles and
-    connection pools are worth keeping."""
-    return address.connect(MastersConfig.model_validate_json(config_json))
-
-
-def image_messages(image_png: bytes, question: str) -> list[dict]:
-    """One user turn, image first, as OpenAI content parts (the order of `masters.models.chat_messages`)."""
-    url = "data:image/png;base64," + base64.b64encode(image_png).decode()
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
-        }
-    ]
-
-
-def request_seed(base_seed: int, model: str, question_id: str) -> int:
-    """A stable per-request seed: reruns and retried tasks sample the same responses."""
-    digest = hashlib.sha256(f"{base_seed}|{model}|{question_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-# --------------------------------------------------------------------------- the Ray Data steps
-
-
-def sample_responses(
-    batch: pa.Table, address: ServiceAddress, config: MastersConfig, n: int, keep: int, source: str
-) -> pa.Table:
-    """Ask `model_id` for `n` samples per question and put the first `keep` in front of the group."""
-    rows = batch.to_pylist()
-    requests = [
-        ChatCompletionRequest(
-            model=row["model_id"],
-            messages=image_messages(row["image_png"], row["question"]),
-            n=n,
-            seed=request_seed(config.generation.seed, row["model_id"], row["question_id"]),
-            **_sampling_fields(config),
-        )
-        for row in rows
-    ]
-    replies = _cached_client(address, config.model_dump_json()).chat_many(requests)
-    for row, reply in zip(rows, replies, strict=True):
-        if len(reply.choices) != n:
-            raise RuntimeError(f"{row['model_id']} returned {len(reply.choices)} choices for n={n}")
-        sampled = [{"source": source, "text": c.message.content, "token_ids": c.token_ids} for c in reply.choices[:keep]]
-        row["responses"] = sampled + row["responses"]
-    return pa.Table.from_pylist(rows, schema=DRAFT_SCHEMA)
-
-
-class RewardScorer:
-    """A reward actor: the teacher's top-k log-probs on every response token, and R_acc per response.
-
-    A judge failure marks the whole group (`judge_failure`) instead of raising, so the driver applies
-    the stage's policy with the full count; no failed response is ever scored 0.
-    """
-
-    def __init__(self, address: ServiceAddress, config: MastersConfig, judge_endpoint: str | None, judge_model: str | None):
-        self.client = address.connect(config)
-        self.top_k = config.generation.teacher_topk
-        self.items_per_request = config.serve.max_n
-        self.use_accuracy = config.rewards.use_accuracy
-        self.numeric_tolerance = config.rewards.judge.numeric_tolerance
-        self.judge = None
-        if self.use_accuracy and config.rewards.judge.kind == "llm":
-            self.judge = JudgeClient.from_config(config.rewards.judge, judge_endpoint, judge_model)
-            self._judge_pool = ThreadPoolExecutor(JUDGE_CALLS_IN_FLIGHT)
-            self._background = ThreadPoolExecutor(1)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        # The LLM judge works in the background while the teacher scores the same responses.
-        accuracy = self._background.submit(self._accuracy, rows) if self.judge else None
-        teacher_scores = self._teacher_scores(rows)
-        accuracy = accuracy.result() if accuracy else self._accuracy(rows)
-        records = []
-        for row, scores, (rewards, calls, retries, failure) in zip(rows, teacher_scores, accuracy, strict=True):
-            responses = []
-            for response, data, reward in zip(row["responses"], scores, rewards, strict=True):
-                if data.token_ids != response["token_ids"]:
-                    raise RuntimeError(f"{row['model_id']} scored other tokens than sent for question {row['question_id']}")
-                responses.append(
-                    {
-                        **response,
-                        "accuracy_reward": reward,
-                        "teacher_topk_ids": data.top_ids,
-                        "teacher_topk_logprobs": data.top_logprobs,
-                        "teacher_tail_mass": data.tail_mass,
-                    }
-                )
-            record = {name: row[name] for name in STAGE_SCHEMA.names if name != "responses"}
-            records.append(
-                {**record, "responses": responses, "judge_calls": calls, "judge_retries": retries, "judge_failure": failure}
-            )
-        return pa.Table.from_pylist(records, schema=SCORED_SCHEMA)
-
-    def _teacher_scores(self, rows: list[dict]) -> list[list[ScoreData]]:
-        """Per group, the teacher's scores of its responses in order; requests hold at most serve.max_n items."""
-        requests, owners = [], []
-        for index, row in enumerate(rows):
-            messages = image_messages(row["image_png"], row["question"])
-            for start in range(0, len(row["responses"]), self.items_per_request):
-                chunk = row["responses"][start : start + self.items_per_request]
-                items = [{"messages": messages, "response_token_ids": r["token_ids"]} for r in chunk]
-                requests.append(ScoreRequest(model=row["model_id"], items=items, top_k=self.top_k))
-                owners.append(index)
-        scores: list[list[ScoreData]] = [[] for _ in rows]
-        for owner, reply in zip(owners, self.client.score_many(requests), strict=True):
-            scores[owner] += sorted(reply.data, key=lambda data: data.index)
-        return scores
-
-    def _accuracy(self, rows: list[dict]) -> list[tuple[list[float], int, int, str | None]]:
-        """Per group: R_acc per response (NaN when disabled), judge calls, retries, and a failure or None."""
-        if not self.use_accuracy:
-            return [([float("nan")] * len(row["responses"]), 0, 0, None) for row in rows]
-        if self.judge is None:
-            return [
-                ([rule_accuracy(r["text"], row["answer"], self.numeric_tolerance) for r in row["responses"]], 0, 0, None)
-                for row in rows
-            ]
-        futures = [
-            [self._judge_pool.submit(self.judge.score, row["question"], row["answer"], r["text"]) for r in row["responses"]]
-            for row in rows
-        ]
-        results = []
-        for group in futures:
-            rewards, calls, retries, failure = [], 0, 0, None
-            for future in group:
-                try:
-                    verdict = future.result()
-                except JudgeError as exc:
-                    calls, retries, failure = calls + exc.calls, retries + exc.retries, failure or str(exc)
-                    rewards.append(float("nan"))
-                    continue
-                calls, retries = calls + verdict.calls, retries + verdict.retries
-                rewards.append(float(verdict.score))
-            results.append((rewards, calls, retries, failure))
-        return results
 
 
 # --------------------------------------------------------------------------- stage planning and hashing
@@ -325,17 +63,6 @@ class RewardScorer:
 
 def _digest(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _sampling_fields(config: MastersConfig) -> dict:
-    sampling = config.generation.sampling
-    return {
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "top_k": sampling.top_k,
-        "repetition_penalty": sampling.repetition_penalty,
-        "max_tokens": sampling.max_new_tokens,
-    }
 
 
 def student_config_hash(config: MastersConfig, question_ids: Sequence[str]) -> str:

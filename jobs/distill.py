@@ -29,7 +29,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor
 
-from masters.config import ConfigError, MastersConfig, dump_config, load_config
+from masters.config import ConfigError, MastersConfig, dump_config, load_config, ratio_label
 from masters.curriculum import CurriculumState, Stage, format_plan, plan_curriculum
 from masters.io import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from cluster.evaluation import evaluate_models
-    from cluster.pipeline import ServiceAddress, generate_student_responses
+    from cluster.pipeline import generate_student_responses
+    from cluster.responses import ServiceAddress
     from cluster.stage_store import read_manifest, stage_dir
     from cluster.train import RecordsGate, TrainingStage, train_curriculum
     from masters.report import write_report
@@ -262,8 +263,6 @@ def connect_ray(address: str | None) -> None:
 
 
 def served_model_ids(config: MastersConfig) -> list[str]:
-    from masters.masking import ratio_label
-
     ids = [f"{t.name}@{ratio_label(r)}" for t in config.models.teachers for r in config.mask.ratios]
     return [*ids, "student"]
 

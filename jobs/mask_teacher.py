@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from masters.config import MaskConfig, ModelsConfig
+from masters.config import MaskConfig, ModelsConfig, ratio_label
 from masters.io import atomic_write_json
-from masters.masking import TensorSparsity, export_masked_checkpoints, ratio_label
+from masters.masking import TensorSparsity, export_masked_checkpoints
 from masters.zoo import resolve_model
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

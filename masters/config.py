@@ -392,6 +392,11 @@ def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+def ratio_label(mask_ratio: float) -> str:
+    """The text form of a ratio in directory names and model ids: 0.2 → '0.2', 0.15 → '0.15', 0 → '0'."""
+    return f"{round(mask_ratio, 6):g}"
+
+
 def isclose_ratio(a: float, b: float) -> bool:
     """Mask ratios arrive as floats from URLs and YAML; compare them at the precision ids use."""
     return math.isclose(a, b, abs_tol=1e-6)

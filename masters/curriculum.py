@@ -17,9 +17,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from masters.config import MastersConfig
+from masters.config import MastersConfig, ratio_label
 from masters.io import atomic_write_json
-from masters.masking import ratio_label
 
 STATE_VERSION = 1
 

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-from masters.config import isclose_ratio
+from masters.config import isclose_ratio, ratio_label
 from masters.io import atomic_directory
 
 MaskScope = Literal["all_linear", "language_model", "vision_and_projector"]
@@ -53,11 +53,6 @@ _SAFETENSORS_ITEMSIZE = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
-
-
-def ratio_label(mask_ratio: float) -> str:
-    """The text form of a ratio in directory names and model ids: 0.2 → '0.2', 0.15 → '0.15', 0 → '0'."""
-    return f"{round(mask_ratio, 6):g}"
 
 
 # --------------------------------------------------------------------------- what is masked

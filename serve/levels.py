@@ -1,18 +1,23 @@
 """Model ids: every mask level of a teacher is `<name>@<ratio>`, the student is `student`.
 
-Ratios are written by `masters.masking.ratio_label` (`teacher-l@0.15`, `teacher-l@0`), and any
+Ratios are written by `masters.config.ratio_label` (`teacher-l@0.15`, `teacher-l@0`), and any
 spelling of the same number (`teacher-l@0.0`, `teacher-l@0.150`) resolves to the same level.
+`model_handle` turns a model id into an in-cluster Serve handle. The module imports neither torch nor
+the engines: the pipeline's Ray workers import it to reach the service.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from masters.config import MastersConfig, isclose_ratio
-from masters.masking import ratio_label
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from masters.config import MastersConfig, isclose_ratio, ratio_label
 
 from serve.api import ServeError
 
+APP_NAME = "masters"
 STUDENT = "student"
 
 
@@ -84,3 +89,10 @@ class Catalog:
             param="model",
             code="model_not_found",
         )
+
+
+def model_handle(config: MastersConfig, requested: str) -> DeploymentHandle:
+    """An in-cluster handle for one model id: `await model_handle(cfg, "teacher-l@0.15").generate.remote(req)`."""
+    level = Catalog.from_config(config).resolve(requested)
+    handle = serve.get_deployment_handle(level.model.name, app_name=APP_NAME)
+    return handle.options(multiplexed_model_id=level.model_id)

@@ -7,14 +7,18 @@ scripted OpenAI-style judge whose model id picks its behaviour.
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from cluster.judge import JudgeClient, JudgeError
-from cluster.pipeline import ServiceAddress, StageFailedError, generate_student_responses, run_stage, run_stages
+from cluster.pipeline import StageFailedError, generate_student_responses, run_stage, run_stages
+from cluster.responses import ServiceAddress
 from cluster.stage_store import MANIFEST, read_parts, stage_dir, student_responses_dir
 from jobs import inspect_stage
 from masters.config import validate_config
@@ -169,6 +173,16 @@ def _directory_state(directory):
 # --------------------------------------------------------------------------- the judge over HTTP
 
 
+def test_worker_code_imports_neither_torch_nor_transformers():
+    """Every sampling task and reward actor imports `cluster.responses` in a fresh process; torch and
+    transformers there cost ~9 s of CPU per process, which on two cores made the pipeline 2x slower."""
+    heavy = subprocess.run(
+        [sys.executable, "-c", "import sys, cluster.responses; print([m for m in ('torch', 'transformers') if m in sys.modules])"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert heavy == "[]", f"importing cluster.responses pulled in {heavy}"
+
+
 def test_judge_client_follows_the_scripts(service):
     judge = lambda script, retries=2: JudgeClient(  # noqa: E731
         _judge_url(service["port"]), script, timeout_s=10, max_retries=retries, backoff_s=0.01
@@ -212,7 +226,7 @@ def test_judge_client_retries_timeouts():
 
 
 def test_http_and_serve_handles_give_the_same_samples_and_scores(service, tmp_path):
-    from cluster.pipeline import image_messages
+    from cluster.responses import image_messages
     from masters.data.export import png_bytes
     from serve.api import ChatCompletionRequest, ScoreRequest
 

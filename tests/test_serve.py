@@ -218,7 +218,7 @@ def test_level_switches_change_outputs_and_level_zero_is_the_unmasked_model(serv
 
 def test_in_cluster_handle_takes_the_same_payloads(service):
     from serve.api import ChatCompletionRequest, ScoreRequest
-    from serve.app import model_handle
+    from serve.levels import model_handle
 
     config = service[0]
     request = ChatCompletionRequest.model_validate(
