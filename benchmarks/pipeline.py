@@ -21,7 +21,9 @@ import platform
 import socket
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 # Run as a script, this folder comes first on sys.path, and benchmarks/serve.py would shadow the
@@ -91,7 +93,7 @@ def single_process_stage(config, model_dir: Path, samples, student_groups: dict,
 
     torch.set_num_threads(threads)
 
-    from cluster.pipeline import image_messages, request_seed
+    from cluster.responses import image_messages, request_seed
     from masters.data.export import png_bytes
     from masters.models import build_prompt
     from masters.records import STAGE_SCHEMA
@@ -189,6 +191,74 @@ def single_process_stage(config, model_dir: Path, samples, student_groups: dict,
     return times
 
 
+class CpuByRole:
+    """CPU seconds per kind of process while the pipeline runs, from a poll of every process.
+
+    Ray workers change their title between tasks (`ray::IDLE`), so a process keeps the first task
+    role it was seen in; a process that exits between two polls loses its CPU since the last one.
+    """
+
+    SYSTEM = "Ray and Serve system processes"
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s = interval_s
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.roles: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_until_stopped, daemon=True)
+
+    @staticmethod
+    def role(pid: int, title: str) -> str | None:
+        if pid == os.getpid():
+            return "driver (this process)"
+        for needle, role in (
+            (f"ServeReplica:masters:{TEACHER}", "teacher replicas"),
+            ("ServeReplica:masters:student", "student replicas (idle)"),
+            ("sample_responses", "sampling tasks"),
+            ("RewardScorer", "reward actors"),
+        ):
+            if needle in title:
+                return role
+        return None if "IDLE" in title else CpuByRole.SYSTEM
+
+    def _poll(self) -> None:
+        import psutil
+
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                title = " ".join(process.info["cmdline"] or [])
+                times = process.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            pid, seconds = process.info["pid"], times.user + times.system
+            self.first.setdefault(pid, seconds)
+            self.last[pid] = seconds
+            role = self.role(pid, title)
+            if role is not None and self.roles.get(pid, self.SYSTEM) == self.SYSTEM:
+                self.roles[pid] = role
+
+    def _poll_until_stopped(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._poll()
+
+    def __enter__(self) -> "CpuByRole":
+        self._poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+
+    def seconds(self) -> dict[str, float]:
+        by_role: dict[str, float] = defaultdict(float)
+        for pid, seconds in self.last.items():
+            by_role[self.roles.get(pid, self.SYSTEM)] += seconds - self.first[pid]
+        return dict(sorted(by_role.items(), key=lambda item: -item[1]))
+
+
 def operator_times(stats: str) -> list[str]:
     """The per-operator wall-time lines of a Ray Data stats summary."""
     lines, operator = [], None
@@ -210,7 +280,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.pipeline import ServiceAddress, generate_student_responses, run_stage
+    from cluster.pipeline import generate_student_responses, run_stage
+    from cluster.responses import ServiceAddress
     from cluster.stage_store import read_parts, student_responses_dir
     from masters.data import make_split
     from masters.models import load_model
@@ -237,9 +308,10 @@ def main() -> None:
         stored = read_parts(student_responses_dir(run_dir)).to_pylist()
         student_groups = {row["question_id"]: row["responses"][: config.generation.group_student] for row in stored}
 
-        clock = time.perf_counter()
-        result = run_stage(config, stage_of(config, args.questions), samples, run_dir, ServiceAddress(), processor)
-        pipeline_s = time.perf_counter() - clock
+        with CpuByRole() as cpu:
+            clock = time.perf_counter()
+            result = run_stage(config, stage_of(config, args.questions), samples, run_dir, ServiceAddress(), processor)
+            pipeline_s = time.perf_counter() - clock
         assert not result.skipped and result.manifest["counts"]["records"] == args.questions
     finally:
         serve.shutdown()
@@ -269,6 +341,10 @@ def main() -> None:
     print(f"\nsingle-process loop ({best} thread(s)), seconds per step:")
     for name, seconds in loops[best].items():
         print(f"  {name:10s} {seconds:8.1f}  ({100 * seconds / baseline_s:4.1f}%)")
+    print(f"\npipeline, CPU seconds by process while it ran ({os.cpu_count()} cores x {pipeline_s:.1f}s "
+          f"= {os.cpu_count() * pipeline_s:.1f} CPU-s available):")
+    for role, seconds in cpu.seconds().items():
+        print(f"  {role:32s} {seconds:6.1f}")
     print("\npipeline, Ray Data operators (remote wall time summed over tasks, overlapping):")
     for line in operator_times(result.execution_stats):
         print(f"  {line}")
