@@ -11,6 +11,10 @@ engine code (`serve.engine.TransformersEngine`) in this process, one engine batc
 pipeline runs `cluster.pipeline.run_stage` against the Serve app (two replicas per model) with two
 reward actors. The loop is timed with 1 and with 2 torch threads; the faster one is the baseline. The
 student responses are generated once beforehand and shared (not timed).
+
+A last row is a design probe, not the pipeline's code path: the same loop body in two Ray Data
+actors that each hold the masked teacher (the batch-inference pattern, no Serve hop), to show what
+moving the offline pipeline's model work out of Serve would buy on this machine.
 """
 
 from __future__ import annotations
@@ -86,40 +90,28 @@ def stage_of(config, questions: int):
     )
 
 
-def single_process_stage(config, model_dir: Path, samples, student_groups: dict, out: Path, threads: int) -> dict[str, float]:
-    """The same stage as one loop in this process with `threads` torch threads; returns seconds per step."""
-    import pyarrow as pa
-    import torch
-
-    torch.set_num_threads(threads)
-
+def stage_records(engine, config, rows: list[dict], times: dict[str, float]) -> list[dict]:
+    """The stage's work on `rows` (question fields, `image_png` and the stored student group in
+    `responses`) with an in-process engine, one engine batch after another; adds seconds per step to `times`."""
     from cluster.responses import image_messages, request_seed
-    from masters.data.export import png_bytes
     from masters.models import build_prompt
-    from masters.records import STAGE_SCHEMA
     from masters.rewards import rule_accuracy
     from serve.api import ChatMessage
-    from serve.engine import Sampling, TransformersEngine, chat_prompt
+    from serve.engine import Sampling, chat_prompt
     from serve.levels import model_id
 
-    times = dict.fromkeys(["load", "encode", "generate", "score", "rewards", "write"], 0.0)
-    clock = time.perf_counter()
-    engine = TransformersEngine(model_dir, config.mask.ratios, config.mask.scope)
-    engine.set_mask_ratio(MASK_RATIO)
-    times["load"] = time.perf_counter() - clock
     generation, sampling = config.generation, config.generation.sampling
     model = model_id(TEACHER, MASK_RATIO)
     batch_size = config.serve.max_batch_size
     records = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
         clock = time.perf_counter()
-        images = [png_bytes(sample.image) for sample in chunk]
         prompts = [
             engine.encode_chat(
-                chat_prompt([ChatMessage.model_validate(m) for m in image_messages(image, s.question)], config.serve)
+                chat_prompt([ChatMessage.model_validate(m) for m in image_messages(row["image_png"], row["question"])], config.serve)
             )
-            for image, s in zip(images, chunk)
+            for row in chunk
         ]
         times["encode"] += time.perf_counter() - clock
         clock = time.perf_counter()
@@ -134,17 +126,17 @@ def single_process_stage(config, model_dir: Path, samples, student_groups: dict,
                         top_p=sampling.top_p,
                         top_k=sampling.top_k,
                         repetition_penalty=sampling.repetition_penalty,
-                        seed=request_seed(generation.seed, model, sample.id),
+                        seed=request_seed(generation.seed, model, row["question_id"]),
                     ),
                 )
-                for prompt, sample in zip(prompts, chunk)
+                for prompt, row in zip(prompts, chunk)
             ]
         )
         times["generate"] += time.perf_counter() - clock
         groups = [
             [{"source": "teacher", "text": c.text, "token_ids": c.token_ids} for c in sampled[: generation.group_teacher]]
-            + student_groups[sample.id]
-            for sampled, sample in zip(completions, chunk)
+            + row["responses"]
+            for sampled, row in zip(completions, chunk)
         ]
         clock = time.perf_counter()
         # One engine batch holds at most max_batch_size items, as a Serve replica's does.
@@ -155,14 +147,14 @@ def single_process_stage(config, model_dir: Path, samples, student_groups: dict,
         times["score"] += time.perf_counter() - clock
         clock = time.perf_counter()
         scored = iter(scores)
-        for sample, image, group in zip(chunk, images, groups):
+        for row, group in zip(chunk, groups):
             responses = []
             for response in group:
                 score = next(scored)
                 responses.append(
                     {
                         **response,
-                        "accuracy_reward": rule_accuracy(response["text"], sample.answer, config.rewards.judge.numeric_tolerance),
+                        "accuracy_reward": rule_accuracy(response["text"], row["answer"], config.rewards.judge.numeric_tolerance),
                         "teacher_topk_ids": score.top_ids,
                         "teacher_topk_logprobs": score.top_logprobs,
                         "teacher_tail_mass": score.tail_mass,
@@ -170,12 +162,8 @@ def single_process_stage(config, model_dir: Path, samples, student_groups: dict,
                 )
             records.append(
                 {
-                    "question_id": sample.id,
-                    "family": sample.family,
-                    "image_png": image,
-                    "question": sample.question,
-                    "prompt": build_prompt(engine.processor, sample.question),
-                    "answer": sample.answer,
+                    **{name: row[name] for name in ("question_id", "family", "image_png", "question", "answer")},
+                    "prompt": build_prompt(engine.processor, row["question"]),
                     "teacher": TEACHER,
                     "mask_ratio": MASK_RATIO,
                     "stage_index": 1,
@@ -183,12 +171,101 @@ def single_process_stage(config, model_dir: Path, samples, student_groups: dict,
                 }
             )
         times["rewards"] += time.perf_counter() - clock
-    clock = time.perf_counter()
-    import pyarrow.parquet as pq
+    return records
 
+
+def question_rows(samples, student_groups: dict) -> list[dict]:
+    from masters.data.export import png_bytes
+
+    return [
+        {
+            "question_id": sample.id,
+            "family": sample.family,
+            "image_png": png_bytes(sample.image),
+            "question": sample.question,
+            "answer": sample.answer,
+            "responses": student_groups[sample.id],
+        }
+        for sample in samples
+    ]
+
+
+def single_process_stage(config, model_dir: Path, samples, student_groups: dict, out: Path, threads: int) -> dict[str, float]:
+    """The same stage as one loop in this process with `threads` torch threads; returns seconds per step."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from masters.records import STAGE_SCHEMA
+    from serve.engine import TransformersEngine
+
+    torch.set_num_threads(threads)
+    times = dict.fromkeys(["load", "encode", "generate", "score", "rewards", "write"], 0.0)
+    clock = time.perf_counter()
+    engine = TransformersEngine(model_dir, config.mask.ratios, config.mask.scope)
+    engine.set_mask_ratio(MASK_RATIO)
+    times["load"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    rows = question_rows(samples, student_groups)
+    times["encode"] += time.perf_counter() - clock
+    records = stage_records(engine, config, rows, times)
+    clock = time.perf_counter()
     pq.write_table(pa.Table.from_pylist(records, schema=STAGE_SCHEMA), out)
     times["write"] = time.perf_counter() - clock
     return times
+
+
+class EngineWorker:
+    """Design probe, not the pipeline's code path: a Ray Data actor that holds the masked teacher
+    and does the stage's work in-process (the batch-inference pattern), with no Serve hop."""
+
+    def __init__(self, model_dir: str, config):
+        import torch
+
+        from serve.engine import TransformersEngine
+
+        torch.set_num_threads(1)
+        self.config = config
+        self.engine = TransformersEngine(Path(model_dir), config.mask.ratios, config.mask.scope)
+        self.engine.set_mask_ratio(MASK_RATIO)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from masters.records import STAGE_SCHEMA
+
+        times = defaultdict(float)
+        return pa.Table.from_pylist(stage_records(self.engine, self.config, batch.to_pylist(), times), schema=STAGE_SCHEMA)
+
+
+def engine_actor_stage(config, model_dir: Path, samples, student_groups: dict, out: Path) -> tuple[float, float]:
+    """The stage through two `EngineWorker` actors (1 CPU each) on the running Ray cluster; returns
+    the seconds it took and the seconds until its first groups arrived (mostly the actors' start)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from masters.records import STAGE_SCHEMA
+
+    clock = time.perf_counter()
+    rows = question_rows(samples, student_groups)
+    size = config.serve.max_batch_size
+    dataset = ray.data.from_blocks([pa.Table.from_pylist(rows[i : i + size]) for i in range(0, len(rows), size)])
+    dataset = dataset.map_batches(
+        EngineWorker,
+        batch_format="pyarrow",
+        batch_size=size,
+        compute=ActorPoolStrategy(size=2),
+        num_cpus=1,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "config": config},
+    )
+    tables, first_s = [], None
+    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        first_s = first_s or time.perf_counter() - clock
+        tables.append(table)
+    pq.write_table(pa.concat_tables(tables).cast(STAGE_SCHEMA), out)
+    return time.perf_counter() - clock, first_s
 
 
 class CpuByRole:
@@ -217,6 +294,7 @@ class CpuByRole:
             ("ServeReplica:masters:student", "student replicas (idle)"),
             ("sample_responses", "sampling tasks"),
             ("RewardScorer", "reward actors"),
+            ("EngineWorker", "engine actors (probe)"),
         ):
             if needle in title:
                 return role
@@ -313,6 +391,9 @@ def main() -> None:
             result = run_stage(config, stage_of(config, args.questions), samples, run_dir, ServiceAddress(), processor)
             pipeline_s = time.perf_counter() - clock
         assert not result.skipped and result.manifest["counts"]["records"] == args.questions
+        serve.shutdown()  # the design probe below needs no service, and idle replicas still poll
+        with CpuByRole() as probe_cpu:
+            actors_s, first_s = engine_actor_stage(config, model_dir, samples, student_groups, work / "engine_actors.parquet")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -338,12 +419,17 @@ def main() -> None:
         name = f"single-process loop, {threads} thread{'s' if threads > 1 else ''}"
         print(f"{name:34s} {seconds:9.1f} {groups / seconds:9.2f} {baseline_s / seconds:7.2f}")
     print(f"{'Ray Data pipeline (run_stage)':34s} {pipeline_s:9.1f} {groups / pipeline_s:9.2f} {baseline_s / pipeline_s:7.2f}")
+    print(f"{'probe: engine in 2 Ray Data actors':34s} {actors_s:9.1f} {groups / actors_s:9.2f} {baseline_s / actors_s:7.2f}")
     print(f"\nsingle-process loop ({best} thread(s)), seconds per step:")
     for name, seconds in loops[best].items():
         print(f"  {name:10s} {seconds:8.1f}  ({100 * seconds / baseline_s:4.1f}%)")
     print(f"\npipeline, CPU seconds by process while it ran ({os.cpu_count()} cores x {pipeline_s:.1f}s "
           f"= {os.cpu_count() * pipeline_s:.1f} CPU-s available):")
     for role, seconds in cpu.seconds().items():
+        print(f"  {role:32s} {seconds:6.1f}")
+    print(f"\nprobe, CPU seconds by process ({os.cpu_count() * actors_s:.1f} CPU-s available; "
+          f"first groups after {first_s:.1f}s):")
+    for role, seconds in probe_cpu.seconds().items():
         print(f"  {role:32s} {seconds:6.1f}")
     print("\npipeline, Ray Data operators (remote wall time summed over tasks, overlapping):")
     for line in operator_times(result.execution_stats):
