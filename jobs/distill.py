@@ -29,7 +29,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor
 
-from masters.config import ConfigError, MastersConfig, dump_config, load_config, ratio_label
+from masters.config import ConfigError, MastersConfig, dump_config, load_config
 from masters.curriculum import CurriculumState, Stage, format_plan, plan_curriculum
 from masters.io import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.train import RecordsGate, TrainingStage, train_curriculum
     from masters.report import write_report
     from masters.tracking import MetricsLogger, read_metrics
-    from serve.app import STUDENT
     from serve.app import start as start_teacher_service
+    from serve.levels import STUDENT, Catalog
 
     connect_ray(args.address)
     metrics = MetricsLogger(run_dir, config.name, config.logging, config.model_dump(mode="json"))
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     address = ServiceAddress()  # Serve handles: no HTTP hop inside the cluster
     if pending:
         base_url = start_teacher_service(config, model_paths)
-        logger.info("teacher service at %s; model ids %s", base_url, ", ".join(served_model_ids(config)))
+        logger.info("teacher service at %s; model ids %s", base_url, ", ".join(Catalog.from_config(config).model_ids))
 
     # Reference accuracies: the initial student and the teachers, once per run.
     baseline = cached_json(run_dir / "eval" / "baseline_test.json")
@@ -260,11 +260,6 @@ def connect_ray(address: str | None) -> None:
         ray.init(address="local", include_dashboard=False, configure_logging=False)
     else:
         ray.init(address=address or "auto", configure_logging=False)
-
-
-def served_model_ids(config: MastersConfig) -> list[str]:
-    ids = [f"{t.name}@{ratio_label(r)}" for t in config.models.teachers for r in config.mask.ratios]
-    return [*ids, "student"]
 
 
 def load_samples(config: MastersConfig, split: str, size: int):
