@@ -6,8 +6,8 @@ through a `ModelClient`: Serve handles inside the cluster, or HTTP to any addres
 OpenAI-compatible API with `token_ids` and `/v1/score`.
 
 Every Ray worker that runs these imports this module first, so it imports neither torch nor
-transformers (a test holds it to that): they cost ~9 s of CPU per new worker process, which on two
-cores was the largest single cost of a stage.
+transformers (a test holds it to that): they cost ~9 s of CPU per new worker process, several
+processes per stage, on two cores.
 """
 
 from __future__ import annotations
