@@ -277,7 +277,7 @@ class CpuByRole:
 
     SYSTEM = "Ray and Serve system processes"
 
-    def __init__(self, interval_s: float = 0.25):
+    def __init__(self, interval_s: float = 1.0):
         self.interval_s = interval_s
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}

@@ -2,15 +2,14 @@
 
 - `ModelServer` (one deployment per teacher and one for the student): each replica owns a resident
   engine. Requests are batched with `@serve.batch`; a batch runs at one mask level, and a level
-  switch waits for the engine lock, i.e. for the batch in flight. The level is also the request's
-  multiplexed model id, so with several replicas the router keeps a level on the replica that
-  already holds it (`max_num_models_per_replica=1`: a replica holds one level at a time).
+  switch waits for the engine lock, i.e. for the batch in flight. Every replica serves every level:
+  the router spreads requests by queue length, not by level (see `_run_at_levels`).
 - `Gateway` (FastAPI ingress): auth, JSON validation, model-id routing, OpenAI-style errors, 503
   when a model's queue is full.
 
 Inside the cluster, call `serve.levels.model_handle(config, model_id)`, then
 `await handle.generate.remote(request)` / `handle.score.remote(request)` with the same pydantic
-payloads the HTTP API takes.
+payloads the HTTP API takes, or `generate_many` / `score_many` with a list of them.
 """
 
 import asyncio
@@ -90,14 +89,15 @@ class ModelServer:
 
     # ----------------------------------------------------------------------- levels
 
-    @serve.multiplexed(max_num_models_per_replica=1)
-    async def _hold_level(self, model_id: str) -> str:
-        # Routing only: tells the router which level this replica holds. The weights are
-        # re-masked lazily under the engine lock, by the first batch that needs the level.
-        return model_id
-
     async def _run_at_levels(self, items: list[tuple], run) -> list:
         """Run `items` ((mask_ratio, *args)) grouped by level; a switch waits for the batch in flight.
+
+        Levels are not routed to replicas (no Serve model multiplexing): the multiplexed router
+        sends a model id only to the replicas that already hold it until they refuse work, so the
+        curriculum's one level under full load stayed on one replica while the others idled
+        (measured: every batch of a 512-question stage on one of two replicas). Instead each
+        replica re-masks when a batch needs another level; the curriculum moves one level at a
+        time, so that is one switch per replica per stage.
 
         Engine work runs on the replica's event loop on purpose: while it runs, new requests wait
         in the replica's queue and all join the next batch. In a worker thread it competed with
@@ -118,11 +118,8 @@ class ModelServer:
                     results[index] = output
         return results
 
-    async def _resolve(self, requested: str) -> float:
-        level = self.catalog.resolve(requested)
-        if serve.get_multiplexed_model_id():
-            await self._hold_level(serve.get_multiplexed_model_id())
-        return level.mask_ratio
+    def _resolve(self, requested: str) -> float:
+        return self.catalog.resolve(requested).mask_ratio
 
     # ----------------------------------------------------------------------- generate
 
@@ -160,7 +157,7 @@ class ModelServer:
         return prompt
 
     async def generate(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        mask_ratio = await self._resolve(request.model)
+        mask_ratio = self._resolve(request.model)
         sampling = self._sampling(request)
         prompt = self._encode(request.messages, sampling.max_tokens, "max_tokens")
         completions: list[Completion] = await self._generate_batch((mask_ratio, prompt, sampling))
@@ -196,6 +193,11 @@ class ModelServer:
             content.append(TokenLogprob(**entry.model_dump(), top_logprobs=[top(i, lp) for i, lp in tops]))
         return ChoiceLogprobs(content=content)
 
+    async def generate_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]:
+        """Several requests for this call's model in one handle call, for in-cluster callers: one call's
+        routing and serialisation instead of one per request, and the requests join the same batches."""
+        return list(await asyncio.gather(*(self.generate(request) for request in requests)))
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, items: list[tuple[float, EncodedPrompt, Sampling]]) -> list[list[Completion]]:
         return await self._run_at_levels(items, self.engine.generate)
@@ -218,7 +220,7 @@ class ModelServer:
         return token_ids
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
-        mask_ratio = await self._resolve(request.model)
+        mask_ratio = self._resolve(request.model)
         if len(request.items) > self.config.serve.max_n:
             raise ServeError(
                 400,
@@ -246,6 +248,10 @@ class ModelServer:
         usage = Usage(prompt_tokens=prompt_tokens + scored, completion_tokens=0, total_tokens=prompt_tokens + scored)
         return ScoreResponse(model=request.model, top_k=top_k, data=data, usage=usage)
 
+    async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
+        """Several score requests for this call's model in one handle call (see `generate_many`)."""
+        return list(await asyncio.gather(*(self.score(request) for request in requests)))
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _score_batch(self, items: list[tuple[float, EncodedPrompt, list[int], int]]) -> list:
         return await self._run_at_levels(items, self.engine.score)
@@ -253,7 +259,8 @@ class ModelServer:
     # ----------------------------------------------------------------------- health
 
     async def health(self) -> dict:
-        return {"model": self.served.name, **self.engine.health()}
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {"model": self.served.name, "replica": replica, **self.engine.health()}
 
 
 # --------------------------------------------------------------------------- gateway
@@ -316,8 +323,7 @@ class Gateway:
                 message, param = _validation_message(exc)
                 raise ServeError(400, message, param) from None
             level = self.catalog.resolve(payload.model)
-            handle = self.handles[level.model.name].options(multiplexed_model_id=level.model_id)
-            result = await getattr(handle, method).remote(payload)
+            result = await getattr(self.handles[level.model.name], method).remote(payload)
             return JSONResponse(result.model_dump(mode="json"))
         except ServeError as error:  # also a ServeError raised in a replica (Ray re-raises it as its cause's class)
             return JSONResponse(error.body(), status_code=error.status)

@@ -94,5 +94,4 @@ class Catalog:
 def model_handle(config: MastersConfig, requested: str) -> DeploymentHandle:
     """An in-cluster handle for one model id: `await model_handle(cfg, "teacher-l@0.15").generate.remote(req)`."""
     level = Catalog.from_config(config).resolve(requested)
-    handle = serve.get_deployment_handle(level.model.name, app_name=APP_NAME)
-    return handle.options(multiplexed_model_id=level.model_id)
+    return serve.get_deployment_handle(level.model.name, app_name=APP_NAME)

@@ -20,6 +20,7 @@ from cluster.judge import JudgeClient, JudgeError
 from cluster.pipeline import StageFailedError, generate_student_responses, run_stage, run_stages
 from cluster.responses import ServiceAddress
 from cluster.stage_store import MANIFEST, read_parts, stage_dir, student_responses_dir
+from serve.levels import APP_NAME
 from jobs import inspect_stage
 from masters.config import validate_config
 from masters.curriculum import plan_curriculum
@@ -129,7 +130,8 @@ def _config(tmp_path, port: int, model_dir, **sections):
             "sampling": {"max_new_tokens": 5},
         },
         "rewards": {"actors": 1, "batch_size": 3, "actor_num_cpus": 0.25},
-        "serve": {"port": port, "num_cpus": 0.4, "max_batch_size": 8},
+        # Two replicas per model: the stage test checks that a level's batches reach both.
+        "serve": {"port": port, "replicas": 2, "num_cpus": 0.2, "max_batch_size": 8},
         "data": {"train_size": QUESTIONS},
     }
     for section, values in sections.items():
@@ -164,6 +166,20 @@ def _stage_inputs(config):
     plan = plan_curriculum(config, config.data.train_size)
     train = make_split("train", config.data.train_size, config.data.seed)
     return plan, train
+
+
+def _batches_per_replica(model: str) -> dict[str, int]:
+    """Engine batches run by each replica of `model`, from its health reports (each call reaches one replica)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(model, app_name=APP_NAME)
+    batches = {}
+    for _ in range(40):
+        state = handle.health.remote().result()
+        batches[state["replica"]] = state["batches"]
+        if len(batches) == 2:
+            break
+    return batches
 
 
 def _directory_state(directory):
@@ -312,6 +328,11 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     assert [r.responses[0].token_ids for r in table_to_records(read_parts(redone.directory))] == [
         r.responses[0].token_ids for r in records
     ]
+
+    # Both teacher replicas did model work: a level is not pinned to one replica (Serve's model
+    # multiplexing did that, leaving half the teacher capacity idle under pipeline load).
+    batches = _batches_per_replica(TEACHER)
+    assert len(batches) == 2 and all(count > 0 for count in batches.values()), batches
 
 
 def test_all_stages_in_one_pipeline(service, tmp_path):
