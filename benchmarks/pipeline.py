@@ -90,9 +90,13 @@ def stage_of(config, questions: int):
     )
 
 
-def stage_records(engine, config, rows: list[dict], times: dict[str, float]) -> list[dict]:
-    """The stage's work on `rows` (question fields, `image_png` and the stored student group in
-    `responses`) with an in-process engine, one engine batch after another; adds seconds per step to `times`."""
+def stage_records(engine, config, rows: list[dict], times: dict[str, float]):
+    """The stage's records (an Arrow table) for `rows` (question fields, `image_png` and the stored
+    student group in `responses`) with an in-process engine, one engine batch after another; adds
+    seconds per step to `times`."""
+    import pyarrow as pa
+
+    from masters.records import STAGE_SCHEMA, responses_array
     from cluster.responses import image_messages, request_seed
     from masters.models import build_prompt
     from masters.rewards import rule_accuracy
@@ -103,7 +107,7 @@ def stage_records(engine, config, rows: list[dict], times: dict[str, float]) -> 
     generation, sampling = config.generation, config.generation.sampling
     model = model_id(TEACHER, MASK_RATIO)
     batch_size = config.serve.max_batch_size
-    records = []
+    records, record_groups = [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         clock = time.perf_counter()
@@ -167,11 +171,16 @@ def stage_records(engine, config, rows: list[dict], times: dict[str, float]) -> 
                     "teacher": TEACHER,
                     "mask_ratio": MASK_RATIO,
                     "stage_index": 1,
-                    "responses": responses,
                 }
             )
+            record_groups.append(responses)
         times["rewards"] += time.perf_counter() - clock
-    return records
+    # Built like the reward actors build theirs: question fields as rows, responses from arrays.
+    clock = time.perf_counter()
+    fields = pa.schema([STAGE_SCHEMA.field(name) for name in STAGE_SCHEMA.names[:-1]])
+    table = pa.Table.from_pylist(records, schema=fields).append_column(STAGE_SCHEMA.field("responses"), responses_array(record_groups))
+    times["rewards"] += time.perf_counter() - clock
+    return table.cast(STAGE_SCHEMA)
 
 
 def question_rows(samples, student_groups: dict) -> list[dict]:
@@ -192,11 +201,9 @@ def question_rows(samples, student_groups: dict) -> list[dict]:
 
 def single_process_stage(config, model_dir: Path, samples, student_groups: dict, out: Path, threads: int) -> dict[str, float]:
     """The same stage as one loop in this process with `threads` torch threads; returns seconds per step."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    from masters.records import STAGE_SCHEMA
     from serve.engine import TransformersEngine
 
     torch.set_num_threads(threads)
@@ -210,7 +217,7 @@ def single_process_stage(config, model_dir: Path, samples, student_groups: dict,
     times["encode"] += time.perf_counter() - clock
     records = stage_records(engine, config, rows, times)
     clock = time.perf_counter()
-    pq.write_table(pa.Table.from_pylist(records, schema=STAGE_SCHEMA), out)
+    pq.write_table(records, out)
     times["write"] = time.perf_counter() - clock
     return times
 
@@ -230,12 +237,7 @@ class EngineWorker:
         self.engine.set_mask_ratio(MASK_RATIO)
 
     def __call__(self, batch):
-        import pyarrow as pa
-
-        from masters.records import STAGE_SCHEMA
-
-        times = defaultdict(float)
-        return pa.Table.from_pylist(stage_records(self.engine, self.config, batch.to_pylist(), times), schema=STAGE_SCHEMA)
+        return stage_records(self.engine, self.config, batch.to_pylist(), defaultdict(float))
 
 
 def engine_actor_stage(config, model_dir: Path, samples, student_groups: dict, out: Path) -> tuple[float, float]:

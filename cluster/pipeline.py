@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -427,11 +428,16 @@ class _StageTally:
             self.dropped[question_id] = failure
         kept = batch.take(keep)
         self.records += kept.num_rows
-        for group in kept.column("responses").to_pylist():
-            for response in group:
-                source = response["source"]
-                self.responses_by_source[source] = self.responses_by_source.get(source, 0) + 1
-                self.accuracy_sum_by_source[source] = self.accuracy_sum_by_source.get(source, 0.0) + response["accuracy_reward"]
+        # Arrow compute, not to_pylist: the responses carry the teacher's top-k, ~16k numbers a group.
+        responses = pc.list_flatten(kept.column("responses"))
+        per_source = (
+            pa.table({"source": pc.struct_field(responses, "source"), "reward": pc.struct_field(responses, "accuracy_reward")})
+            .group_by("source")
+            .aggregate([("reward", "sum"), ("reward", "count", pc.CountOptions(mode="all"))])
+        )
+        for source, reward_sum, count in zip(*(per_source.column(name).to_pylist() for name in ("source", "reward_sum", "reward_count"))):
+            self.responses_by_source[source] = self.responses_by_source.get(source, 0) + count
+            self.accuracy_sum_by_source[source] = self.accuracy_sum_by_source.get(source, 0.0) + reward_sum
         return kept
 
     def counts(self, questions: int) -> dict:

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
+import numpy as np
 import pyarrow as pa
 from ray.serve.handle import DeploymentHandle
 
 from cluster.judge import JudgeClient, JudgeError
 from masters.config import MastersConfig
-from masters.records import STAGE_SCHEMA
+from masters.records import STAGE_SCHEMA, responses_array
 from masters.rewards import rule_accuracy
-from serve.api import ChatCompletionRequest, ChatCompletionResponse, ScoreData, ScoreRequest, ScoreResponse
+from serve.api import ChatCompletionRequest, ChatCompletionResponse, ScoreRequest, ScoreResponse, TokenScores
 from serve.levels import model_handle
 
 # A generated response before rewards: what sampling and the student join produce.
@@ -74,11 +75,12 @@ class ServiceAddress:
 
 
 class ModelClient(Protocol):
-    """Chat completions and scores from the teacher service, all requests of a call in flight at once."""
+    """Chat completions and scores from the teacher service, all requests of a call in flight at once.
+    Scores come back per request as arrays, one `TokenScores` per item in item order."""
 
     def chat_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]: ...
 
-    def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]: ...
+    def score_many(self, requests: list[ScoreRequest]) -> list[list[TokenScores]]: ...
 
 
 class ServeModelClient:
@@ -96,7 +98,7 @@ class ServeModelClient:
     def chat_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]:
         return self._call_per_model("generate_many", requests)
 
-    def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
+    def score_many(self, requests: list[ScoreRequest]) -> list[list[TokenScores]]:
         return self._call_per_model("score_many", requests)
 
     def _call_per_model(self, method: str, requests: list) -> list:
@@ -166,10 +168,13 @@ class HttpModelClient:
         replies = self._pool.map(lambda payload: self._post("/chat/completions", payload), payloads)
         return [ChatCompletionResponse.model_validate(reply) for reply in replies]
 
-    def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
+    def score_many(self, requests: list[ScoreRequest]) -> list[list[TokenScores]]:
         payloads = [request.model_dump(exclude_none=True) for request in requests]
         replies = self._pool.map(lambda payload: self._post("/score", payload), payloads)
-        return [ScoreResponse.model_validate(reply) for reply in replies]
+        return [
+            [TokenScores.from_data(data) for data in sorted(ScoreResponse.model_validate(reply).data, key=lambda d: d.index)]
+            for reply in replies
+        ]
 
 
 @functools.lru_cache(maxsize=4)
@@ -243,33 +248,34 @@ class RewardScorer:
             self._background = ThreadPoolExecutor(1)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        rows = batch.select(["question_id", "image_png", "question", "answer", "model_id", "responses"]).to_pylist()
         # The LLM judge works in the background while the teacher scores the same responses.
         accuracy = self._background.submit(self._accuracy, rows) if self.judge else None
         teacher_scores = self._teacher_scores(rows)
         accuracy = accuracy.result() if accuracy else self._accuracy(rows)
-        records = []
-        for row, scores, (rewards, calls, retries, failure) in zip(rows, teacher_scores, accuracy, strict=True):
-            responses = []
-            for response, data, reward in zip(row["responses"], scores, rewards, strict=True):
-                if data.token_ids != response["token_ids"]:
+        groups = []
+        for row, scores, (rewards, _, _, _) in zip(rows, teacher_scores, accuracy, strict=True):
+            group = []
+            for response, score, reward in zip(row["responses"], scores, rewards, strict=True):
+                if not np.array_equal(score.token_ids, response["token_ids"]):
                     raise RuntimeError(f"{row['model_id']} scored other tokens than sent for question {row['question_id']}")
-                responses.append(
+                group.append(
                     {
                         **response,
                         "accuracy_reward": reward,
-                        "teacher_topk_ids": data.top_ids,
-                        "teacher_topk_logprobs": data.top_logprobs,
-                        "teacher_tail_mass": data.tail_mass,
+                        "teacher_topk_ids": score.top_ids,
+                        "teacher_topk_logprobs": score.top_logprobs,
+                        "teacher_tail_mass": score.tail_mass,
                     }
                 )
-            record = {name: row[name] for name in STAGE_SCHEMA.names if name != "responses"}
-            records.append(
-                {**record, "responses": responses, "judge_calls": calls, "judge_retries": retries, "judge_failure": failure}
-            )
-        return pa.Table.from_pylist(records, schema=SCORED_SCHEMA)
+            groups.append(group)
+        # The question fields pass through as Arrow columns; only the responses are built here.
+        question_fields = [batch.column(name).cast(STAGE_SCHEMA.field(name).type) for name in STAGE_SCHEMA.names[:-1]]
+        _, calls, retries, failures = zip(*accuracy) if accuracy else ((), (), (), ())
+        bookkeeping = [pa.array(calls, pa.int32()), pa.array(retries, pa.int32()), pa.array(failures, pa.string())]
+        return pa.Table.from_arrays([*question_fields, responses_array(groups), *bookkeeping], schema=SCORED_SCHEMA)
 
-    def _teacher_scores(self, rows: list[dict]) -> list[list[ScoreData]]:
+    def _teacher_scores(self, rows: list[dict]) -> list[list[TokenScores]]:
         """Per group, the teacher's scores of its responses in order; requests hold at most serve.max_n items."""
         requests, owners = [], []
         for index, row in enumerate(rows):
@@ -279,9 +285,9 @@ class RewardScorer:
                 items = [{"messages": messages, "response_token_ids": r["token_ids"]} for r in chunk]
                 requests.append(ScoreRequest(model=row["model_id"], items=items, top_k=self.top_k))
                 owners.append(index)
-        scores: list[list[ScoreData]] = [[] for _ in rows]
+        scores: list[list[TokenScores]] = [[] for _ in rows]
         for owner, reply in zip(owners, self.client.score_many(requests), strict=True):
-            scores[owner] += sorted(reply.data, key=lambda data: data.index)
+            scores[owner] += reply
         return scores
 
     def _accuracy(self, rows: list[dict]) -> list[tuple[list[float], int, int, str | None]]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -167,9 +169,10 @@ class ScoreRequest(_Request):
     top_k: int | None = Field(None, ge=1, description="Default generation.teacher_topk; capped at the vocabulary size.")
 
 
-class TokenScores(BaseModel):
+class ScoreData(BaseModel):
     """Per response token: its log-prob, the model's top-k ids and log-probs, and the mass outside the top-k."""
 
+    index: int
     token_ids: list[int]
     logprobs: list[float]
     top_ids: list[list[int]]
@@ -177,8 +180,53 @@ class TokenScores(BaseModel):
     tail_mass: list[float]
 
 
-class ScoreData(TokenScores):
-    index: int
+@dataclass(frozen=True, eq=False)
+class TokenScores:
+    """One scored response as arrays: what engines return and in-cluster callers receive (`score_many`).
+
+    A group's top-64 log-probs are ~16k numbers; as arrays they cross process boundaries as a few
+    buffers and go into Arrow without a Python object per number. `ScoreData` is the JSON form.
+    """
+
+    token_ids: np.ndarray  # [T] int32
+    logprobs: np.ndarray  # [T] float32
+    top_ids: np.ndarray  # [T, k] int32
+    top_logprobs: np.ndarray  # [T, k] float32
+    tail_mass: np.ndarray  # [T] float32
+
+    @classmethod
+    def from_lists(cls, token_ids, logprobs, top_ids, top_logprobs, tail_mass) -> TokenScores:
+        tokens = len(token_ids)
+        return cls(
+            token_ids=np.asarray(token_ids, np.int32),
+            logprobs=np.asarray(logprobs, np.float32),
+            top_ids=np.asarray(top_ids, np.int32).reshape(tokens, -1),
+            top_logprobs=np.asarray(top_logprobs, np.float32).reshape(tokens, -1),
+            tail_mass=np.asarray(tail_mass, np.float32),
+        )
+
+    @classmethod
+    def from_data(cls, data: ScoreData) -> TokenScores:
+        return cls.from_lists(data.token_ids, data.logprobs, data.top_ids, data.top_logprobs, data.tail_mass)
+
+    def to_data(self, index: int) -> ScoreData:
+        # The engine's own output: validating ~2k numbers per response again cost ~3 ms a group.
+        return ScoreData.model_construct(
+            index=index,
+            token_ids=self.token_ids.tolist(),
+            logprobs=self.logprobs.tolist(),
+            top_ids=self.top_ids.tolist(),
+            top_logprobs=self.top_logprobs.tolist(),
+            tail_mass=self.tail_mass.tolist(),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TokenScores):
+            return NotImplemented
+        return all(
+            np.array_equal(getattr(self, name), getattr(other, name))
+            for name in ("token_ids", "logprobs", "top_ids", "top_logprobs", "tail_mass")
+        )
 
 
 class ScoreResponse(BaseModel):

@@ -39,11 +39,11 @@ from serve.api import (
     ChoiceLogprobs,
     ModelCard,
     ModelList,
-    ScoreData,
     ScoreRequest,
     ScoreResponse,
     ServeError,
     TokenLogprob,
+    TokenScores,
     TopLogprob,
     Usage,
 )
@@ -220,6 +220,19 @@ class ModelServer:
         return token_ids
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
+        top_k, prompt_tokens, scores = await self._score_items(request)
+        scored = sum(len(s.token_ids) for s in scores)
+        usage = Usage(prompt_tokens=prompt_tokens + scored, completion_tokens=0, total_tokens=prompt_tokens + scored)
+        data = [s.to_data(index) for index, s in enumerate(scores)]
+        return ScoreResponse(model=request.model, top_k=top_k, data=data, usage=usage)
+
+    async def score_many(self, requests: list[ScoreRequest]) -> list[list[TokenScores]]:
+        """Several score requests for this call's model in one handle call (see `generate_many`); per
+        request, its items' scores as arrays, which cross to the caller as buffers, not Python lists."""
+        return [scores for _, _, scores in await asyncio.gather(*(self._score_items(r) for r in requests))]
+
+    async def _score_items(self, request: ScoreRequest) -> tuple[int, int, list[TokenScores]]:
+        """(top_k, prompt tokens, scores in item order) for one request."""
         mask_ratio = self._resolve(request.model)
         if len(request.items) > self.config.serve.max_n:
             raise ServeError(
@@ -241,16 +254,7 @@ class ModelServer:
                 encoded[key] = self._encode(item.messages, longest[key], "the response")
         prepared = [(encoded[key], response) for key, response in zip(prompt_keys, responses)]
         scores = await asyncio.gather(*(self._score_batch((mask_ratio, p, r, top_k)) for p, r in prepared))
-        # The engine's own validated output: re-validating ~2k numbers per response cost ~3 ms a group.
-        data = [ScoreData.model_construct(index=i, **dict(s)) for i, s in enumerate(scores)]
-        prompt_tokens = sum(len(p.token_ids) for p, _ in prepared)
-        scored = sum(len(r) for _, r in prepared)
-        usage = Usage(prompt_tokens=prompt_tokens + scored, completion_tokens=0, total_tokens=prompt_tokens + scored)
-        return ScoreResponse(model=request.model, top_k=top_k, data=data, usage=usage)
-
-    async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
-        """Several score requests for this call's model in one handle call (see `generate_many`)."""
-        return list(await asyncio.gather(*(self.score(request) for request in requests)))
+        return top_k, sum(len(p.token_ids) for p, _ in prepared), list(scores)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _score_batch(self, items: list[tuple[float, EncodedPrompt, list[int], int]]) -> list:

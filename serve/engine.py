@@ -134,11 +134,11 @@ def top_k_scores(logprobs: torch.Tensor, token_ids: torch.Tensor, top_k: int) ->
     top = logprobs.topk(top_k, dim=-1)
     tail_mass = (1.0 - top.values.double().exp().sum(-1)).clamp_min(0.0)
     return TokenScores(
-        token_ids=token_ids.tolist(),
-        logprobs=token_logprobs.tolist(),
-        top_ids=top.indices.tolist(),
-        top_logprobs=top.values.tolist(),
-        tail_mass=tail_mass.tolist(),
+        token_ids=token_ids.to(torch.int32).cpu().numpy(),
+        logprobs=token_logprobs.float().cpu().numpy(),
+        top_ids=top.indices.to(torch.int32).cpu().numpy(),
+        top_logprobs=top.values.float().cpu().numpy(),
+        tail_mass=tail_mass.float().cpu().numpy(),
     )
 
 

@@ -178,11 +178,7 @@ class VLLMEngine:
                 top_ids.append([t for t, _ in top])
                 top_logprobs.append([lp for _, lp in top])
                 tail_mass.append(max(0.0, 1.0 - float(torch.tensor(top_logprobs[-1], dtype=torch.float64).exp().sum())))
-            scores.append(
-                TokenScores(
-                    token_ids=response, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs, tail_mass=tail_mass
-                )
-            )
+            scores.append(TokenScores.from_lists(response, logprobs, top_ids, top_logprobs, tail_mass))
         return scores
 
     def set_mask_ratio(self, mask_ratio: float) -> float:

@@ -259,8 +259,8 @@ def test_http_and_serve_handles_give_the_same_samples_and_scores(service, tmp_pa
     score = ScoreRequest(model=f"{TEACHER}@0.05", items=items, top_k=4)
     (scored,) = by_handle.score_many([score])
     (scored_http,) = over_http.score_many([score])
-    assert [d.top_ids for d in scored.data] == [d.top_ids for d in scored_http.data]
-    assert [len(d.top_ids) for d in scored.data] == [len(c.token_ids) for c in sampled.choices]
+    assert all(by_handle == by_http for by_handle, by_http in zip(scored, scored_http, strict=True))
+    assert [d.top_ids.shape for d in scored] == [(len(c.token_ids), 4) for c in sampled.choices]
 
 
 # --------------------------------------------------------------------------- full stages

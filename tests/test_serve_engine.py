@@ -3,6 +3,7 @@
 import base64
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -123,12 +124,12 @@ def test_score_equals_a_direct_forward_and_is_batch_independent(engine):
     response = [40, 41, 42, 43, 44]
     scores = engine.score([(short, [7, 8], 3), (prompt, response, 10)])[1]
     reference = direct_logprobs(engine, prompt, response)
-    torch.testing.assert_close(torch.tensor(scores.logprobs), reference.gather(-1, torch.tensor(response)[:, None])[:, 0])
+    torch.testing.assert_close(torch.from_numpy(scores.logprobs), reference.gather(-1, torch.tensor(response)[:, None])[:, 0])
     top = reference.topk(10)
-    assert scores.top_ids == top.indices.tolist()
-    torch.testing.assert_close(torch.tensor(scores.top_logprobs), top.values, atol=1e-5, rtol=0)
+    assert scores.token_ids.tolist() == response and scores.top_ids.tolist() == top.indices.tolist()
+    torch.testing.assert_close(torch.from_numpy(scores.top_logprobs), top.values, atol=1e-5, rtol=0)
     expected_tail = 1 - top.values.double().exp().sum(-1)
-    torch.testing.assert_close(torch.tensor(scores.tail_mass, dtype=torch.float64), expected_tail)
+    torch.testing.assert_close(torch.from_numpy(scores.tail_mass).double(), expected_tail, atol=1e-6, rtol=0)
 
 
 def test_mask_levels_switch_in_place_and_level_zero_is_bit_exact(engine):
@@ -137,7 +138,7 @@ def test_mask_levels_switch_in_place_and_level_zero_is_bit_exact(engine):
     before = engine.score([(prompt, response, 5)])[0]
     assert engine.set_mask_ratio(0.2) > 0
     masked = engine.score([(prompt, response, 5)])[0]
-    assert masked.logprobs != before.logprobs
+    assert not np.array_equal(masked.logprobs, before.logprobs)
     engine.set_mask_ratio(0.0)
     assert all(torch.equal(dense[name], tensor) for name, tensor in engine.model.state_dict().items())
     assert engine.score([(prompt, response, 5)])[0] == before
@@ -224,8 +225,8 @@ def test_vllm_engine_scores_like_transformers_and_switches_levels(micro_model_di
     response = [40, 41, 42]
     expected = reference.score([(image_prompt(reference), response, 5)])[0]
     dense = engine.score([(prompt, response, 5)])[0]
-    torch.testing.assert_close(torch.tensor(dense.logprobs), torch.tensor(expected.logprobs), atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(dense.logprobs), torch.from_numpy(expected.logprobs), atol=1e-3, rtol=0)
     engine.set_mask_ratio(0.2)
-    assert engine.score([(prompt, response, 5)])[0].logprobs != dense.logprobs
+    assert not np.array_equal(engine.score([(prompt, response, 5)])[0].logprobs, dense.logprobs)
     engine.set_mask_ratio(0.0)
     assert engine.score([(prompt, response, 5)])[0] == dense
