@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import random
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -12,7 +14,7 @@ from PIL import Image
 
 from masters.batching import ShardPlan, StageTable, collate_records
 from masters.models import build_prompt, load_model
-from masters.records import Response, StageRecord, records_to_table
+from masters.records import RESPONSE_TYPE, Response, StageRecord, records_to_table, responses_array
 from masters.student_step import response_logits
 
 QUESTIONS = ["Is there a red circle?", "How many squares are there?", "What color is the triangle?", "Count."]
@@ -65,6 +67,31 @@ def synthetic_records(
             )
         )
     return records
+
+
+def test_responses_array_from_numpy_matches_the_python_lists():
+    rng = np.random.default_rng(0)
+
+    def response(tokens: int, k: int) -> dict:
+        return {
+            "source": "teacher", "text": f"{tokens} tokens", "token_ids": rng.integers(0, 300, tokens).astype(np.int32),
+            "accuracy_reward": 1.0, "teacher_topk_ids": rng.integers(0, 300, (tokens, k)).astype(np.int32),
+            "teacher_topk_logprobs": -rng.random((tokens, k)).astype(np.float32),
+            "teacher_tail_mass": rng.random(tokens).astype(np.float32),
+        }
+
+    groups = [[response(3, 4), response(1, 4)], [], [response(5, 2)]]
+    as_lists = [[{key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in r.items()} for r in g]
+                for g in groups]
+    column = responses_array(groups)
+    assert column.equals(pa.array(as_lists, type=pa.list_(RESPONSE_TYPE)))
+    assert responses_array(as_lists).equals(column)  # lists are taken as well
+
+    misaligned = response(3, 4) | {"teacher_topk_logprobs": np.zeros((2, 4), np.float32)}
+    with pytest.raises(ValueError, match="one teacher_topk_logprobs entry per token: got 2 for 3 tokens"):
+        responses_array([[misaligned]])
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must be \[tokens\]\[k\]"):
+        responses_array([[response(3, 4) | {"teacher_topk_ids": [[1, 2], [3], [4, 5]]}]])
 
 
 def write_stage(records: list[StageRecord], stage_dir, files: int = 2) -> None:
