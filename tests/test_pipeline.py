@@ -20,7 +20,7 @@ from cluster.judge import JudgeClient, JudgeError
 from cluster.pipeline import StageFailedError, generate_student_responses, run_stage, run_stages
 from cluster.responses import ServiceAddress
 from cluster.stage_store import MANIFEST, read_parts, stage_dir, student_responses_dir
-from serve.levels import APP_NAME
+from serve.levels import APP_NAME, model_handle
 from jobs import inspect_stage
 from masters.config import validate_config
 from masters.curriculum import plan_curriculum
@@ -241,6 +241,31 @@ def test_judge_client_retries_timeouts():
 # --------------------------------------------------------------------------- reaching the teacher
 
 
+def test_a_level_in_use_spreads_over_both_replicas(service, tmp_path):
+    """A level one replica already holds still goes to both replicas under load. With the level as a
+    Serve multiplexed model id it did not: the router kept it on the replica holding it, and a whole
+    pipeline stage ran on one of two replicas. Level 0 is fresh here: no earlier test asks for it."""
+    from cluster.responses import image_messages
+    from masters.data.export import png_bytes
+    from serve.api import ChatCompletionRequest
+
+    config = _config(tmp_path, service["port"], service["model_dir"])
+    handle = model_handle(config, f"{TEACHER}@0")
+    sample = make_split("train", 1, 0)[0]
+    request = ChatCompletionRequest(
+        model=f"{TEACHER}@0", messages=image_messages(png_bytes(sample.image), sample.question), n=1, seed=1, max_tokens=2
+    )
+    handle.generate.remote(request).result(timeout_s=60)  # one replica now holds level 0
+    time.sleep(2)  # long enough for every router to learn which one
+    before = _batches_per_replica(TEACHER)
+    pending = [handle.generate.remote(request.model_copy(update={"seed": seed})) for seed in range(12)]
+    for response in pending:
+        response.result(timeout_s=60)
+    after = _batches_per_replica(TEACHER)
+    assert len(before) == len(after) == 2
+    assert all(after[replica] > before[replica] for replica in after), (before, after)
+
+
 def test_http_and_serve_handles_give_the_same_samples_and_scores(service, tmp_path):
     from cluster.responses import image_messages
     from masters.data.export import png_bytes
@@ -329,10 +354,6 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
         r.responses[0].token_ids for r in records
     ]
 
-    # Both teacher replicas did model work: a level is not pinned to one replica (Serve's model
-    # multiplexing did that, leaving half the teacher capacity idle under pipeline load).
-    batches = _batches_per_replica(TEACHER)
-    assert len(batches) == 2 and all(count > 0 for count in batches.values()), batches
 
 
 def test_all_stages_in_one_pipeline(service, tmp_path):
