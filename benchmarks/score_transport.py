@@ -32,7 +32,7 @@ from masters.records import RESPONSE_TYPE, responses_array  # noqa: E402
 from serve.api import ScoreData, ScoreResponse, TokenScores, Usage  # noqa: E402
 from serve.engine import top_k_scores  # noqa: E402
 
-RESPONSES, TOP_K, VOCAB = 8, 64, 32_000
+RESPONSES, TOP_K, VOCAB = 8, 64, 4_096  # the conversion cost does not depend on the vocabulary
 
 
 def engine_scores(tokens: int) -> list[TokenScores]:

@@ -90,7 +90,7 @@ def responses_array(groups: list[list[dict]]) -> pa.ListArray:
     `token_ids` [T], `teacher_topk_ids` and `teacher_topk_logprobs` [T, k], `teacher_tail_mass` [T].
 
     Built from flat buffers instead of a Python object per number: a group of 8 responses with the
-    top-64 on each token went from 3.7 to 1.2 ms (16 tokens) and from 148 to 3.3 ms (512 tokens),
+    top-64 on each token went from 3.4 to 1.2 ms (16 tokens) and from 142 to 2.8 ms (512 tokens),
     engine output to column (`benchmarks/score_transport.py`).
     """
     responses = [response for group in groups for response in group]
