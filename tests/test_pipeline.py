@@ -20,12 +20,12 @@ from cluster.judge import JudgeClient, JudgeError
 from cluster.pipeline import StageFailedError, generate_student_responses, run_stage, run_stages
 from cluster.responses import ServiceAddress
 from cluster.stage_store import MANIFEST, read_parts, stage_dir, student_responses_dir
-from serve.levels import APP_NAME, model_handle
 from jobs import inspect_stage
 from masters.config import validate_config
 from masters.curriculum import plan_curriculum
 from masters.data import make_split
 from masters.records import table_to_records
+from serve.levels import APP_NAME, model_handle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -130,7 +130,7 @@ def _config(tmp_path, port: int, model_dir, **sections):
             "sampling": {"max_new_tokens": 5},
         },
         "rewards": {"actors": 1, "batch_size": 3, "actor_num_cpus": 0.25},
-        # Two replicas per model: the stage test checks that a level's batches reach both.
+        # Two replicas per model: test_a_level_in_use_spreads_over_both_replicas needs them.
         "serve": {"port": port, "replicas": 2, "num_cpus": 0.2, "max_batch_size": 8},
         "data": {"train_size": QUESTIONS},
     }
@@ -353,7 +353,6 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     assert [r.responses[0].token_ids for r in table_to_records(read_parts(redone.directory))] == [
         r.responses[0].token_ids for r in records
     ]
-
 
 
 def test_all_stages_in_one_pipeline(service, tmp_path):
