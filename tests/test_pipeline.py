@@ -258,9 +258,12 @@ def test_a_level_in_use_spreads_over_both_replicas(service, tmp_path):
     handle.generate.remote(request).result(timeout_s=60)  # one replica now holds level 0
     time.sleep(2)  # long enough for every router to learn which one
     before = _batches_per_replica(TEACHER)
-    pending = [handle.generate.remote(request.model_copy(update={"seed": seed})) for seed in range(12)]
-    for response in pending:
-        response.result(timeout_s=60)
+    # Waves, not one burst: a router learns a replica's queue length in the background, and a burst
+    # sent before it knows the second replica's goes to the first one whatever the routing policy.
+    for wave in range(4):
+        pending = [handle.generate.remote(request.model_copy(update={"seed": 6 * wave + i})) for i in range(6)]
+        for response in pending:
+            response.result(timeout_s=60)
     after = _batches_per_replica(TEACHER)
     assert len(before) == len(after) == 2
     assert all(after[replica] > before[replica] for replica in after), (before, after)
