@@ -96,9 +96,9 @@ def stage_records(engine, config, rows: list[dict], times: dict[str, float]):
     seconds per step to `times`."""
     import pyarrow as pa
 
-    from masters.records import STAGE_SCHEMA, responses_array
     from cluster.responses import image_messages, request_seed
     from masters.models import build_prompt
+    from masters.records import STAGE_SCHEMA, responses_array
     from masters.rewards import rule_accuracy
     from serve.api import ChatMessage
     from serve.engine import Sampling, chat_prompt

@@ -100,5 +100,6 @@ def main() -> None:
         arrays_ms = median_ms(as_arrays, scores, args.repeats)
         print(f"{tokens:>6}  {lists_ms:>16.2f}  {arrays_ms:>8.2f}  {lists_ms / arrays_ms:>7.1f}x")
 
+
 if __name__ == "__main__":
     main()

@@ -435,7 +435,8 @@ class _StageTally:
             .group_by("source")
             .aggregate([("reward", "sum"), ("reward", "count", pc.CountOptions(mode="all"))])
         )
-        for source, reward_sum, count in zip(*(per_source.column(name).to_pylist() for name in ("source", "reward_sum", "reward_count"))):
+        sources, reward_sums, counts = (per_source.column(name).to_pylist() for name in ("source", "reward_sum", "reward_count"))
+        for source, reward_sum, count in zip(sources, reward_sums, counts):
             self.responses_by_source[source] = self.responses_by_source.get(source, 0) + count
             self.accuracy_sum_by_source[source] = self.accuracy_sum_by_source.get(source, 0.0) + reward_sum
         return kept

@@ -262,6 +262,7 @@ class RewardScorer:
                 group.append(
                     {
                         **response,
+                        "token_ids": score.token_ids,  # equal to the sent ones, and already an array
                         "accuracy_reward": reward,
                         "teacher_topk_ids": score.top_ids,
                         "teacher_topk_logprobs": score.top_logprobs,
