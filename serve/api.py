@@ -196,12 +196,24 @@ class TokenScores:
 
     @classmethod
     def from_lists(cls, token_ids, logprobs, top_ids, top_logprobs, tail_mass) -> TokenScores:
+        """From per-token lists (a `/v1/score` reply, or vLLM's output); refuses misaligned ones."""
         tokens = len(token_ids)
+        rows = {}
+        for name, values, dtype in (("top_ids", top_ids, np.int32), ("top_logprobs", top_logprobs, np.float32)):
+            try:
+                rows[name] = np.asarray(values, dtype)
+            except ValueError:  # ragged
+                rows[name] = None
+            if rows[name] is None or rows[name].ndim != 2 or len(rows[name]) != tokens:
+                raise ValueError(f"score data: {name} must hold {tokens} rows of k entries, one per response token")
+        for name, values in (("logprobs", logprobs), ("tail_mass", tail_mass)):
+            if len(values) != tokens:
+                raise ValueError(f"score data: {name} has {len(values)} entries for {tokens} response tokens")
         return cls(
             token_ids=np.asarray(token_ids, np.int32),
             logprobs=np.asarray(logprobs, np.float32),
-            top_ids=np.asarray(top_ids, np.int32).reshape(tokens, -1),
-            top_logprobs=np.asarray(top_logprobs, np.float32).reshape(tokens, -1),
+            top_ids=rows["top_ids"],
+            top_logprobs=rows["top_logprobs"],
             tail_mass=np.asarray(tail_mass, np.float32),
         )
 

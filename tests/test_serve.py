@@ -247,6 +247,23 @@ def test_in_cluster_handle_takes_the_same_payloads(service):
     assert [[c.token_ids for c in reply.choices] for reply in chats] == [[c.token_ids for c in result.choices]] * 2
 
 
+def test_score_data_from_another_service_is_checked_before_use():
+    from serve.api import ScoreData, TokenScores
+
+    good = ScoreData(index=0, token_ids=[5, 6], logprobs=[-1.0, -2.0], top_ids=[[5, 1], [6, 2]],
+                     top_logprobs=[[-1.0, -3.0], [-2.0, -4.0]], tail_mass=[0.5, 0.25])  # float32-exact
+    scores = TokenScores.from_data(good)
+    assert scores.top_ids.shape == (2, 2) and scores.to_data(0) == good
+    ragged = good.model_copy(update={"top_ids": [[5, 1], [6]]})
+    with pytest.raises(ValueError, match="top_ids must hold 2 rows of k entries"):
+        TokenScores.from_data(ragged)
+    short = good.model_copy(update={"top_logprobs": [[-1.0, -3.0]]})
+    with pytest.raises(ValueError, match="top_logprobs must hold 2 rows"):
+        TokenScores.from_data(short)
+    with pytest.raises(ValueError, match="tail_mass has 1 entries for 2 response tokens"):
+        TokenScores.from_data(good.model_copy(update={"tail_mass": [0.5]}))
+
+
 # --------------------------------------------------------------------------- bad input and load
 
 
