@@ -46,6 +46,7 @@ def build_micro_model(directory: Path, sft_steps: int) -> Path:
     """The micro model, briefly trained on the suite so that its samples are answers: an untrained
     model samples any token, the image placeholder included, which the engine cannot score."""
     from masters.data import make_split, text_corpus
+    from masters.families import VLMFamily
     from masters.models import MICRO, build_model, build_processor, save_model, train_tokenizer
     from masters.sft import encode_examples, train_sft
 
@@ -54,7 +55,7 @@ def build_micro_model(directory: Path, sft_steps: int) -> Path:
     model = build_model(MICRO, tokenizer, seed=0)
     train = make_split("train", 2048, seed=1)  # another seed than the benchmark's questions
     examples = encode_examples(processor, [s.image for s in train], [s.question for s in train], [s.answer for s in train])
-    train_sft(model, examples, pad_token_id=tokenizer.pad_token_id, steps=sft_steps, batch_size=32, lr=3e-3,
+    train_sft(model, examples, VLMFamily(model, processor), steps=sft_steps, batch_size=32, lr=3e-3,
               warmup_steps=10, progress=False)
     return save_model(model, processor, directory / "micro")
 

@@ -38,10 +38,11 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
-from transformers import AutoProcessor  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from masters.batching import ShardPlan, StageTable, collate_records  # noqa: E402
+from masters.families import VLMFamily  # noqa: E402
 from masters.config import MastersConfig  # noqa: E402
 from masters.models import (  # noqa: E402
     build_model,
@@ -140,6 +141,7 @@ def plain_loop(stage_dir: Path, student_dir: Path, steps: int, threads: int = 2)
     config = config_for("ddp")
     student, processor = load_model(student_dir)
     student.train()
+    family = VLMFamily(student, processor)
     reference = load_model(student_dir)[0].requires_grad_(False) if needs_reference(config.loss) else None
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.train.lr)
     table = StageTable(stage_dir)
@@ -150,7 +152,7 @@ def plain_loop(stage_dir: Path, student_dir: Path, steps: int, threads: int = 2)
     for step in range(steps):
         started, tokens = time.perf_counter(), 0
         for questions in plan.worker_micro_batches(step, 0):
-            batch = collate_records(table.records(questions), processor)
+            batch = collate_records(table.records(questions), family)
             output = student_loss(student, reference, batch, config.loss, config.rewards, vocab)
             (output.loss / accum).backward()
             tokens += batch.num_response_tokens
@@ -181,7 +183,10 @@ def _memory_probe(colocated: bool, stage_dir: str, student_dir: str, teacher_dir
     table = StageTable(stage_dir)
     plan = ShardPlan(len(table), QUESTIONS_PER_BATCH, 2, 2, 0)
     processor = AutoProcessor.from_pretrained(student_dir)
-    collate_records(table.records(plan.worker_micro_batches(0, 0)[0]), processor)  # warm the data path
+    with torch.device("meta"):  # the family needs the model's class and config, not its weights
+        skeleton = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(student_dir))
+    family = VLMFamily(skeleton, processor)
+    collate_records(table.records(plan.worker_micro_batches(0, 0)[0]), family)  # warm the data path
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     floor = _status_mb("VmRSS")
     student = load_model(student_dir)[0].train()
@@ -190,7 +195,7 @@ def _memory_probe(colocated: bool, stage_dir: str, student_dir: str, teacher_dir
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.train.lr)
     for step in range(steps):
         for questions in plan.worker_micro_batches(step, 0):
-            batch = collate_records(table.records(questions), processor)
+            batch = collate_records(table.records(questions), family)
             if teacher is not None:
                 with torch.no_grad():
                     # The co-located trainer scores the responses itself (full logits, top-k taken here).

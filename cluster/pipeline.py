@@ -41,6 +41,7 @@ from masters.config import MastersConfig
 from masters.curriculum import Stage
 from masters.data import VQASample
 from masters.data.export import png_bytes
+from masters.families import answer_end_id
 from masters.models import build_prompt
 from masters.records import SCHEMA_VERSION, STAGE_SCHEMA
 from serve.levels import STUDENT, model_id
@@ -289,6 +290,7 @@ def run_stages(
     naive = config.loss.objective == "naive"
     results: dict[str, StepResult] = {}
     pending: dict[tuple[str, int], _PendingStage] = {}
+    answer_end = answer_end_id(processor)  # dataset answers end like the model's own (naive objective)
     for stage in stages:
         samples = stage_samples(stage, train_samples)
         question_ids = _check_unique(samples)
@@ -313,8 +315,7 @@ def run_stages(
         rows = _question_rows(samples, processor, teacher, mask_ratio, stage_index, stage.model_id)
         for row, sample in zip(rows, samples):
             if naive:
-                eos = processor.tokenizer.eos_token_id
-                token_ids = processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [eos]
+                token_ids = processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [answer_end]
                 row["responses"] = [{"source": "dataset", "text": sample.answer, "token_ids": token_ids}]
             else:
                 row["responses"] = students.get(sample.id, [])

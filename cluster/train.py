@@ -295,6 +295,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
     from masters.batching import ShardPlan, StageTable, collate_records
+    from masters.families import VLMFamily
     from masters.models import load_model
     from masters.student_step import needs_reference, step_metrics, student_loss
 
@@ -308,6 +309,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     student_in = Path(loop_config["student_in"])
     student, processor = load_model(student_in, device, dtype="float32")  # float32 master weights
     student.train()
+    family = VLMFamily(student, processor)
     reference = None
     if needs_reference(config.loss):
         reference, _ = load_model(loop_config["reference"], device, dtype=config.models.dtype)
@@ -365,7 +367,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             micro_batches = plan.worker_micro_batches(step, rank)
             sums: dict[str, float] = {}
             for index, questions in enumerate(micro_batches):
-                batch = collate_records(table.records(questions), processor).to(device, pixel_dtype)
+                batch = collate_records(table.records(questions), family).to(device, pixel_dtype)
                 last = index == len(micro_batches) - 1
                 with strategy.sync_context(last):  # DDP reads it in forward and backward
                     with strategy.forward_context():

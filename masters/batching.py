@@ -6,8 +6,8 @@ Row layout of a :class:`ResponseBatch` (one row per response, a question's G res
                  <-------- prompt_length columns --------->  <- T cols ->
 
 Prompts are left-padded to a common ``prompt_length`` P and responses right-padded to a common T, so
-the logits at column ``P - 1 + t`` predict response token ``t`` in every row. ``position_ids`` follow
-the attention mask, giving each token the position it had when the response was generated.
+the logits at column ``P - 1 + t`` predict response token ``t`` in every row. Positions are the model's
+own (:mod:`masters.families`), giving each token the position it had when the response was generated.
 The teacher's top-k ids and log-probs are stored per response token, so ``teacher_topk_*[:, t]`` is
 the teacher's distribution for that same prediction (the tail bucket is their complement, computed
 by :mod:`masters.losses`; the stored tail mass is not needed).
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from masters.families import VLMFamily
 from masters.losses import MastersBatch
 from masters.records import StageRecord, check_schema, table_to_records
 
@@ -128,15 +129,15 @@ class ShardPlan:
 class ResponseBatch:
     """Model inputs of a micro-batch (B rows = all responses of its questions) and the loss targets.
 
-    ``targets`` is the :class:`~masters.losses.MastersBatch` of the response columns: its
-    ``target_ids`` [B, T] are the response tokens, so the student's logits at columns P - 1 … P + T - 2
-    (see :func:`masters.student_step.response_logits`) line up with it position for position.
+    ``inputs`` is what the model's forward takes (`input_ids`, `attention_mask`, the model's own
+    `position_ids`, and whatever the processor produced for the prompts: `pixel_values`,
+    `image_grid_thw`, `token_type_ids`, …; see :mod:`masters.families`). ``targets`` is the
+    :class:`~masters.losses.MastersBatch` of the response columns: its ``target_ids`` [B, T] are the
+    response tokens, so the student's logits at columns P - 1 … P + T - 2 (see
+    :func:`masters.student_step.response_logits`) line up with it position for position.
     """
 
-    input_ids: torch.Tensor  # [B, P + T] long
-    attention_mask: torch.Tensor  # [B, P + T] long
-    position_ids: torch.Tensor  # [B, P + T] long
-    pixel_values: torch.Tensor  # [B, 3, H, W], one copy of the question's image per response
+    inputs: dict[str, torch.Tensor]
     prompt_length: int  # P
     targets: MastersBatch
 
@@ -148,12 +149,13 @@ class ResponseBatch:
     def num_response_tokens(self) -> int:
         return int(self.targets.response_mask.sum())
 
-    def to(self, device: str | torch.device, pixel_dtype: torch.dtype = torch.float32) -> ResponseBatch:
+    def to(self, device: str | torch.device, float_dtype: torch.dtype = torch.float32) -> ResponseBatch:
+        """On `device`, with floating inputs (pixels) in `float_dtype`, the model's dtype."""
         return ResponseBatch(
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            position_ids=self.position_ids.to(device),
-            pixel_values=self.pixel_values.to(device, dtype=pixel_dtype),
+            inputs={
+                key: value.to(device, float_dtype if value.is_floating_point() else value.dtype)
+                for key, value in self.inputs.items()
+            },
             prompt_length=self.prompt_length,
             targets=self.targets.to(device),
         )
@@ -163,8 +165,8 @@ def decode_image(image_png: bytes) -> Image.Image:
     return Image.open(io.BytesIO(image_png)).convert("RGB")
 
 
-def collate_records(records: list[StageRecord], processor) -> ResponseBatch:
-    """Encode each question's prompt and image once (the processor's own template and image tokens),
+def collate_records(records: list[StageRecord], family: VLMFamily) -> ResponseBatch:
+    """Encode each question's prompt and image once (the processor's own template and image inputs),
     then lay out one row per response as described in the module docstring."""
     if not records:
         raise ValueError("collate_records needs at least one record")
@@ -175,19 +177,12 @@ def collate_records(records: list[StageRecord], processor) -> ResponseBatch:
             if not response.token_ids:
                 raise ValueError(f"question {record.question_id!r} has a response with no tokens (EOS is a token)")
     topk = len(records[0].responses[0].teacher_topk_ids[0])
-    prompts = processor(
-        images=[decode_image(r.image_png) for r in records],
-        text=[r.prompt for r in records],
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-    )
+    prompts = [family.encode(r.prompt, [decode_image(r.image_png)]) for r in records]
     rows = [(q, response) for q, record in enumerate(records) for response in record.responses]
     num_rows = len(rows)
     response_length = max(len(response.token_ids) for _, response in rows)
-    pad_id = processor.tokenizer.pad_token_id
 
-    response_ids = torch.full((num_rows, response_length), pad_id, dtype=torch.long)
+    response_ids = torch.full((num_rows, response_length), family.pad_id, dtype=torch.long)
     response_mask = torch.zeros((num_rows, response_length), dtype=torch.bool)
     topk_ids = torch.zeros((num_rows, response_length, topk), dtype=torch.long)
     topk_logprobs = torch.zeros((num_rows, response_length, topk), dtype=torch.float32)
@@ -205,13 +200,10 @@ def collate_records(records: list[StageRecord], processor) -> ResponseBatch:
         topk_logprobs[row, :length] = torch.tensor(response.teacher_topk_logprobs, dtype=torch.float32)
 
     group_index = torch.tensor([q for q, _ in rows], dtype=torch.long)
-    attention_mask = torch.cat([prompts["attention_mask"][group_index], response_mask.long()], dim=1)
+    inputs = family.inputs([prompts[q] for q, _ in rows], [response.token_ids for _, response in rows])
     return ResponseBatch(
-        input_ids=torch.cat([prompts["input_ids"][group_index], response_ids], dim=1),
-        attention_mask=attention_mask,
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0),
-        pixel_values=prompts["pixel_values"][group_index],
-        prompt_length=prompts["input_ids"].shape[1],
+        inputs=inputs,
+        prompt_length=max(len(p.token_ids) for p in prompts),
         targets=MastersBatch(
             target_ids=response_ids,
             response_mask=response_mask,

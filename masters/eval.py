@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from masters.families import VLMFamily
 from masters.models import generate_answers
 from masters.rewards import rule_accuracy
 
@@ -56,12 +57,13 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
+    family = VLMFamily(model, processor)
     predictions = []
     batches = range(0, len(samples), batch_size)
     for start in tqdm(batches, desc=f"eval {model_name}", disable=not progress, leave=False):
         batch = samples[start : start + batch_size]
         responses = generate_answers(
-            model, processor, [s.image for s in batch], [s.question for s in batch], max_new_tokens=max_new_tokens
+            model, family, [s.image for s in batch], [s.question for s in batch], max_new_tokens=max_new_tokens
         )
         for sample, response in zip(batch, responses):
             correct = rule_accuracy(response, sample.answer, numeric_tolerance)

@@ -9,9 +9,9 @@ keeps each band's positions and original values, and a switch touches only the b
 levels: zero them going up, write their values back going down. Ratio 0 writes every band back, so it
 gives the original weights bit for bit.
 
-What is masked: the 2-D weight of every `nn.Linear` inside the selected parts of a LLaVA-style model
-(`model.model.{vision_tower, multi_modal_projector, language_model}`). Embeddings, the LM head,
-norms and biases are never masked.
+What is masked: the weights `masters.families.masked_parameter_names` lists for the scope, i.e. the
+2-D `nn.Linear` weights (and 2-D projector parameters) of the vision tower, projector and language
+model of any supported family. Embeddings, the LM head, norms and biases are never masked.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
-
 import torch
 import transformers
 from safetensors import safe_open
@@ -33,16 +31,8 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from masters.config import isclose_ratio, ratio_label
+from masters.families import MaskScope, masked_parameter_names
 from masters.io import atomic_directory
-
-MaskScope = Literal["all_linear", "language_model", "vision_and_projector"]
-
-# Attributes of the base model (`model.model` of a `...ForConditionalGeneration`) each scope masks.
-SCOPE_PARTS: dict[str, tuple[str, ...]] = {
-    "all_linear": ("vision_tower", "multi_modal_projector", "language_model"),
-    "language_model": ("language_model",),
-    "vision_and_projector": ("vision_tower", "multi_modal_projector"),
-}
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 MANIFEST = "mask_manifest.json"
@@ -53,30 +43,6 @@ _SAFETENSORS_ITEMSIZE = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
-
-
-# --------------------------------------------------------------------------- what is masked
-
-
-def masked_parameter_names(model: nn.Module, scope: MaskScope = "all_linear") -> list[str]:
-    """Names (as in `model.named_parameters()`) of the weights `scope` masks: 2-D `nn.Linear` weights only."""
-    if scope not in SCOPE_PARTS:
-        raise ValueError(f"scope must be one of {sorted(SCOPE_PARTS)}, got {scope!r}")
-    base = getattr(model, "base_model", model)
-    missing = [part for part in SCOPE_PARTS["all_linear"] if not isinstance(getattr(base, part, None), nn.Module)]
-    if missing:
-        raise ValueError(
-            f"{type(model).__name__} is not a LLaVA-style VLM: its base model lacks {missing}; masking needs "
-            "`vision_tower`, `multi_modal_projector` and `language_model` (e.g. LlavaForConditionalGeneration)"
-        )
-    selected = {
-        id(module.weight)
-        for part in SCOPE_PARTS[scope]
-        for module in getattr(base, part).modules()
-        if isinstance(module, nn.Linear) and module.weight.ndim == 2
-    }
-    # named_parameters() yields a shared tensor once, so a weight tied elsewhere is listed once.
-    return [name for name, param in model.named_parameters() if id(param) in selected]
 
 
 # --------------------------------------------------------------------------- levels of one tensor

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from masters.families import VLMFamily, batch_inputs, chat_template_of
+
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -234,12 +236,24 @@ def vocab_fingerprint(processor) -> str:
 
 
 def check_shared_tokenizer(processors_by_name: dict[str, object]) -> None:
-    """Raise if any two models tokenize differently (the trainer compares distributions token by token)."""
+    """Raise if any two models tokenize or template prompts differently.
+
+    The trainer compares distributions token by token, and a stage's prompt, rendered once with the
+    student's template, is what every teacher scores: both must mean the same tokens to all models.
+    """
     fingerprints = {name: vocab_fingerprint(p) for name, p in processors_by_name.items()}
     if len(set(fingerprints.values())) > 1:
         raise ValueError(
             "teachers and student must share one tokenizer; vocabulary digests differ: "
             + ", ".join(f"{name}={digest}" for name, digest in fingerprints.items())
+        )
+    templates = {name: chat_template_of(p) for name, p in processors_by_name.items()}
+    if len(set(templates.values())) > 1:
+        first = next(iter(templates))
+        differ = [name for name, template in templates.items() if template != templates[first]]
+        raise ValueError(
+            f"teachers and student must share one chat template; {', '.join(differ)} differ from {first}: "
+            "save every model with the same processor (chat_template.jinja)"
         )
 
 
@@ -259,25 +273,27 @@ def build_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(chat_messages(question), add_generation_prompt=True, tokenize=False)
 
 
-def encode_prompts(processor, images: Sequence[Image.Image], questions: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Left-padded input ids, attention mask and pixel values for a batch of (image, question)."""
-    prompts = [build_prompt(processor, q) for q in questions]
-    return processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
-
-
 @torch.inference_mode()
 def generate_answers(
     model: torch.nn.Module,
-    processor,
+    family: VLMFamily,
     images: Sequence[Image.Image],
     questions: Sequence[str],
     max_new_tokens: int = 16,
 ) -> list[str]:
-    """Greedy answers for a batch, stripped of the prompt and special tokens."""
-    device = next(model.parameters()).device
-    inputs = encode_prompts(processor, images, questions).to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    """Greedy answers for a batch, stripped of the prompt and special tokens.
+
+    Each prompt is encoded on its own and the batch is left padded (`VLMFamily.inputs`), so an answer does
+    not depend on what else is in the batch; `generate` computes the model's own positions and stops
+    on any of `generation_config`'s EOS ids.
+    """
+    parameter = next(model.parameters())
+    prompts = [family.encode(build_prompt(family.processor, q), [image]) for image, q in zip(images, questions)]
+    inputs = batch_inputs(prompts, None, family.pad_id)
+    inputs = {
+        key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+        for key, value in inputs.items()
+    }
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=family.pad_id)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [text.strip() for text in family.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

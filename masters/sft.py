@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a VLM on (image, question, answer) triples: next-token loss on the answer only.
 
 Used to train the zoo from scratch. On two CPU cores every millisecond counts, so the training set is
-rendered and tokenised once (`encode_examples`) and each step only pads and stacks tensors.
+rendered and tokenised once (`encode_examples`) and each step only pads and concatenates tensors.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from masters.families import PromptInputs, VLMFamily, answer_end_id, encode_prompt
 from masters.models import build_prompt
 
 IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there
@@ -23,14 +23,14 @@ IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there
 
 @dataclass
 class EncodedExamples:
-    """Pre-processed training examples: pixels, prompt tokens (image tokens expanded), answer tokens + EOS."""
+    """Pre-processed training examples: each prompt encoded by the processor (image inputs included),
+    and each answer's tokens followed by the token the chat template ends an answer with."""
 
-    pixel_values: torch.Tensor  # [N, 3, H, W]
-    prompt_ids: list[list[int]]
+    prompts: list[PromptInputs]
     answer_ids: list[list[int]]
 
     def __len__(self) -> int:
-        return len(self.prompt_ids)
+        return len(self.prompts)
 
 
 @dataclass
@@ -52,45 +52,26 @@ def encode_examples(
     images: Sequence[Image.Image],
     questions: Sequence[str],
     answers: Sequence[str],
-    chunk_size: int = 256,
 ) -> EncodedExamples:
-    """Run the processor once over the whole set; the target is the answer followed by EOS `</s>`."""
+    """Run the processor once per example, so training steps only pad and concatenate tensors."""
     if not (len(images) == len(questions) == len(answers)):
         raise ValueError(f"images, questions and answers differ in length: {len(images)}, {len(questions)}, {len(answers)}")
-    tokenizer = processor.tokenizer
-    pixel_chunks, prompt_ids = [], []
-    for start in range(0, len(images), chunk_size):
-        end = start + chunk_size
-        prompts = [build_prompt(processor, q) for q in questions[start:end]]
-        batch = processor(images=list(images[start:end]), text=prompts)
-        pixel_chunks.append(torch.from_numpy(np.stack(batch["pixel_values"])))
-        prompt_ids.extend(list(ids) for ids in batch["input_ids"])
-    answer_ids = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
-    return EncodedExamples(torch.cat(pixel_chunks), prompt_ids, answer_ids)
+    prompts = [encode_prompt(processor, build_prompt(processor, q), [image]) for image, q in zip(images, questions)]
+    end = answer_end_id(processor)
+    answer_ids = [ids + [end] for ids in processor.tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
+    return EncodedExamples(prompts, answer_ids)
 
 
-def collate(examples: EncodedExamples, indices: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+answer ids with labels on the answer tokens only.
-
-    Right padding puts every sequence at positions 0.. like left-padded generation does (its position
-    ids follow the attention mask), so the model trains on the positions it is later asked at.
-    """
-    sequences = [examples.prompt_ids[i] + examples.answer_ids[i] for i in indices]
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(indices), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(indices), length), dtype=torch.long)
-    for row, (i, sequence) in enumerate(zip(indices, sequences)):
-        prompt_length = len(examples.prompt_ids[i])
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        labels[row, prompt_length : len(sequence)] = torch.tensor(examples.answer_ids[i])
-        attention_mask[row, : len(sequence)] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "pixel_values": examples.pixel_values[list(indices)],
-    }
+def collate(examples: EncodedExamples, indices: Sequence[int], family: VLMFamily) -> dict[str, torch.Tensor]:
+    """Model inputs of prompt + answer rows (`VLMFamily.inputs`: prompts left padded, answers right
+    padded, the model's own positions) with labels on the answer tokens only."""
+    answers = [examples.answer_ids[i] for i in indices]
+    inputs = family.inputs([examples.prompts[i] for i in indices], answers)
+    prompt_length = max(len(examples.prompts[i].token_ids) for i in indices)
+    labels = torch.full_like(inputs["input_ids"], IGNORE_INDEX)
+    for row, answer in enumerate(answers):
+        labels[row, prompt_length : prompt_length + len(answer)] = torch.tensor(answer)
+    return {**inputs, "labels": labels}
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -104,8 +85,8 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
 def train_sft(
     model: torch.nn.Module,
     examples: EncodedExamples,
+    family: VLMFamily,
     *,
-    pad_token_id: int,
     steps: int,
     batch_size: int,
     lr: float,
@@ -134,7 +115,7 @@ def train_sft(
     for _ in bar:
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(examples), generator=generator).tolist(), 0
-        batch = collate(examples, order[cursor : cursor + batch_size], pad_token_id)
+        batch = collate(examples, order[cursor : cursor + batch_size], family)
         cursor += batch_size
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)

@@ -26,14 +26,7 @@ def response_logits(model: torch.nn.Module, batch: ResponseBatch) -> torch.Tenso
     The response occupies the last T columns, so the logits at columns P - 1 … P + T - 2 are the last
     T + 1 positions minus the final one; `logits_to_keep` skips the LM head over the prompt.
     """
-    output = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        pixel_values=batch.pixel_values,
-        logits_to_keep=batch.response_length + 1,
-        use_cache=False,
-    )
+    output = model(**batch.inputs, logits_to_keep=batch.response_length + 1, use_cache=False)
     return output.logits[:, :-1]
 
 

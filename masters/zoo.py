@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from masters.config import ConfigError, format_validation_error, read_yaml_mapping
 from masters.data import CAPTION_QUESTION, SUITE_VERSION, describe, make_split, text_corpus
 from masters.eval import evaluate
+from masters.families import VLMFamily, model_parts
 from masters.io import atomic_directory, atomic_write_json
 from masters.models import ModelSize, build_model, build_processor, parameter_count, save_model, train_tokenizer
 from masters.sft import encode_examples, train_sft
@@ -232,12 +233,13 @@ def build_zoo(
                 encoded_by_image_size[role_config.size.image_size] = encode_examples(processor, images, questions, answers)
             model = build_model(role_config.size, tokenizer, seed=role_config.seed)
             if role_config.freeze_vision:
-                for module in (model.model.vision_tower, model.model.multi_modal_projector):
+                parts = model_parts(model)
+                for module in (parts.vision_tower, *parts.projector):
                     module.requires_grad_(False)
             result = train_sft(
                 model,
                 encoded_by_image_size[role_config.size.image_size],
-                pad_token_id=tokenizer.pad_token_id,
+                VLMFamily(model, processor),
                 steps=role_config.steps,
                 batch_size=role_config.batch_size,
                 lr=role_config.lr,

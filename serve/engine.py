@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from masters.config import MaskConfig, ServeConfig
+from masters.families import VLMFamily
 from masters.models import load_model
 
 from serve.api import ChatMessage, ServeError, TokenScores
@@ -77,7 +78,7 @@ class EncodedPrompt:
 
     token_ids: list[int]  # what the model sees: counts against the context and in `usage`
     images: list[Image.Image]
-    engine_input: Any = None  # engine-specific: pixel values (transformers), unexpanded ids (vLLM)
+    engine_input: Any = None  # engine-specific: `PromptInputs` (transformers), unexpanded ids (vLLM)
 
 
 @dataclass
@@ -170,18 +171,6 @@ def filter_logits(
     return torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores).log_softmax(-1)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Input ids, attention mask and position ids (counting from each row's first real token)."""
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, length - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, length - len(sequence) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
-
-
 # --------------------------------------------------------------------------- transformers engine
 
 
@@ -204,11 +193,12 @@ class TransformersEngine:
         self.max_context = int(text_config.max_position_embeddings)
         self.vocab_size = int(text_config.vocab_size)
         self.max_top_k = self.vocab_size
-        self.pad_id = self.tokenizer.pad_token_id
-        self.eos_id = self.tokenizer.eos_token_id
-        # Never sample special tokens other than EOS (an `<image>` token in a response breaks scoring
-        # it), nor padded vocabulary rows beyond the tokenizer.
-        unsampleable = {i for i in self.tokenizer.all_special_ids if i != self.eos_id}
+        self.family = VLMFamily(self.model, self.processor)
+        self.pad_id = self.family.pad_id
+        self.stop_ids = torch.tensor(self.family.stop_token_ids, dtype=torch.long, device=self.device)
+        # Never sample special tokens other than the stop tokens (an image token in a response breaks
+        # scoring it), nor padded vocabulary rows beyond the tokenizer.
+        unsampleable = {i for i in self.tokenizer.all_special_ids if i not in self.family.stop_token_ids}
         unsampleable |= set(range(len(self.tokenizer), self.vocab_size))
         self.unsampleable_ids = torch.tensor(sorted(unsampleable), dtype=torch.long, device=self.device)
         self.masker = None
@@ -227,13 +217,10 @@ class TransformersEngine:
     def encode_chat(self, prompt: ChatPrompt) -> EncodedPrompt:
         text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
         try:
-            inputs = self.processor(images=prompt.images or None, text=text, return_tensors="pt")
+            inputs = self.family.encode(text, prompt.images)
         except ValueError as exc:  # e.g. a literal image placeholder in the text without an image
             raise ServeError(400, f"messages could not be encoded: {exc}", param="messages") from None
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(self.model.dtype)
-        return EncodedPrompt(inputs["input_ids"][0].tolist(), prompt.images, engine_input=pixel_values)
+        return EncodedPrompt(inputs.token_ids, prompt.images, engine_input=inputs)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -241,13 +228,11 @@ class TransformersEngine:
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def _forward_inputs(self, prompts: list[EncodedPrompt], sequences: list[list[int]]) -> dict:
-        input_ids, attention_mask, position_ids = left_pad(sequences, self.pad_id, self.device)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        pixel_values = [p.engine_input for p in prompts if p.engine_input is not None]
-        if pixel_values:
-            inputs["pixel_values"] = torch.cat(pixel_values).to(self.device)
-        return inputs
+    def _forward_inputs(self, prompts: list[EncodedPrompt], continuations: list[list[int]] | None = None) -> dict:
+        """Prompts left padded, continuations right padded (`VLMFamily.inputs`), on the model's device and dtype."""
+        inputs = self.family.inputs([p.engine_input for p in prompts], continuations)
+        dtype = self.model.dtype
+        return {k: v.to(self.device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
     # ----------------------------------------------------------------------- generate
 
@@ -271,7 +256,7 @@ class TransformersEngine:
         generators = [seeded_generator(params[i].seed, sample, device) for i, (_, sample) in enumerate(rows)]
         want_logprobs = [p.top_logprobs is not None for p in params]
 
-        inputs = self._forward_inputs(prompts, [p.token_ids for p in prompts])
+        inputs = self._forward_inputs(prompts)
         seen = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool, device=device)
         seen.scatter_(1, inputs["input_ids"], inputs["attention_mask"].bool())
         attention_mask, position_ids = inputs["attention_mask"], inputs["position_ids"]
@@ -302,23 +287,24 @@ class TransformersEngine:
                         tops = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
                         token_logprobs[row].append((token, float(model_logprobs[row, token]), tops))
             seen[torch.arange(len(rows), device=device), next_tokens] |= ~finished
-            finished |= (next_tokens == self.eos_id) | (step + 1 >= max_tokens)
+            finished |= torch.isin(next_tokens, self.stop_ids) | (step + 1 >= max_tokens)
             if bool(finished.all()):
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            position_ids = position_ids[:, -1:] + 1
+            # Every position axis (one, or mrope's three) advances by one per generated text token.
+            position_ids = position_ids[..., -1:] + 1
             output = self.model(
                 input_ids=next_tokens[:, None],
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=output.past_key_values,
+                cache=output.cache,
                 use_cache=True,
             )
 
         results: list[list[Completion]] = [[] for _ in batch]
         for row, (request, _) in enumerate(rows):
             tokens = generated[row]
-            stopped = bool(tokens) and tokens[-1] == self.eos_id
+            stopped = bool(tokens) and tokens[-1] in self.family.stop_token_ids
             text = self.tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
             results[request].append(
                 Completion(
@@ -338,15 +324,15 @@ class TransformersEngine:
         self.batches += 1
         self.batched_items += len(batch)
         prompts = [prompt for prompt, _, _ in batch]
-        sequences = [prompt.token_ids + response for prompt, response, _ in batch]
-        longest = max(len(response) for _, response, _ in batch)
-        inputs = self._forward_inputs(prompts, sequences)
-        # Rows are left padded, so every response ends at the last column: keep only the logits needed.
-        logits = self.model(**inputs, logits_to_keep=longest + 1).logits
+        responses = [response for _, response, _ in batch]
+        longest = max(len(response) for response in responses)
+        inputs = self._forward_inputs(prompts, responses)
+        # Responses start at one column P in every row: the last T + 1 logits hold every prediction.
+        logits = self.model(**inputs, logits_to_keep=longest + 1).logits[:, :-1]
         logprobs = logits.float().log_softmax(-1)
         scores = []
         for row, (_, response, top_k) in enumerate(batch):
-            predicting = logprobs[row, logprobs.shape[1] - len(response) - 1 : -1]
+            predicting = logprobs[row, : len(response)]
             token_ids = torch.tensor(response, dtype=torch.long, device=predicting.device)
             scores.append(top_k_scores(predicting, token_ids, top_k))
         return scores

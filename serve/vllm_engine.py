@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from masters.config import isclose_ratio
+from masters.families import encode_prompt, template_writes_bos
 from masters.models import resolve_dtype
 
 from serve.api import ServeError, TokenScores
@@ -109,10 +110,12 @@ class VLLMEngine:
         text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
         try:
             # The expanded length (image placeholders included) is what counts against the context.
-            expanded = self.processor(images=prompt.images or None, text=text)["input_ids"][0]
+            expanded = encode_prompt(self.processor, text, prompt.images).token_ids
         except ValueError as exc:
             raise ServeError(400, f"messages could not be encoded: {exc}", param="messages") from None
-        engine_input = {"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]}
+        # vLLM expands the image placeholders itself from the unexpanded ids.
+        add_bos = not template_writes_bos(self.tokenizer, text)
+        engine_input = {"prompt_token_ids": self.tokenizer(text, add_special_tokens=add_bos)["input_ids"]}
         if prompt.images:
             engine_input["multi_modal_data"] = {"image": prompt.images}
         return EncodedPrompt(list(expanded), prompt.images, engine_input=engine_input)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from masters.batching import ShardPlan, StageTable, collate_records
+from masters.families import VLMFamily
 from masters.models import build_prompt, load_model
 from masters.records import RESPONSE_TYPE, Response, StageRecord, records_to_table, responses_array
 from masters.student_step import response_logits
@@ -136,12 +137,18 @@ def test_stage_table_rejects_empty_and_duplicated_stages(records, tmp_path):
         StageTable(tmp_path / "dup")
 
 
-def test_collate_aligns_responses_and_teacher_topk(micro, records):
+@pytest.fixture(scope="module")
+def family(micro):
+    return VLMFamily(*micro)
+
+
+def test_collate_aligns_responses_and_teacher_topk(micro, family, records):
     _, processor = micro
-    batch = collate_records(records[:3], processor)
+    batch = collate_records(records[:3], family)
+    input_ids, attention_mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     targets = batch.targets
     P = batch.prompt_length
-    assert batch.input_ids.shape == (12, P + batch.response_length)
+    assert input_ids.shape == (12, P + batch.response_length)
     row = 0
     for q, record in enumerate(records[:3]):
         # The prompt columns hold exactly the processor's own encoding of this question, left-padded.
@@ -149,38 +156,36 @@ def test_collate_aligns_responses_and_teacher_topk(micro, records):
         prompt_ids = alone["input_ids"][0]
         for response in record.responses:
             n = len(response.token_ids)
-            assert torch.equal(batch.input_ids[row, P - len(prompt_ids) : P], prompt_ids)
-            assert batch.attention_mask[row, : P - len(prompt_ids)].sum() == 0
-            assert batch.input_ids[row, P : P + n].tolist() == response.token_ids
+            assert torch.equal(input_ids[row, P - len(prompt_ids) : P], prompt_ids)
+            assert attention_mask[row, : P - len(prompt_ids)].sum() == 0
+            assert input_ids[row, P : P + n].tolist() == response.token_ids
             assert targets.target_ids[row, :n].tolist() == response.token_ids
             assert targets.response_mask[row].tolist() == [True] * n + [False] * (batch.response_length - n)
-            assert batch.attention_mask[row, P:].tolist() == [1] * n + [0] * (batch.response_length - n)
+            assert attention_mask[row, P:].tolist() == [1] * n + [0] * (batch.response_length - n)
             assert targets.teacher_topk_ids[row, :n].tolist() == response.teacher_topk_ids
             assert torch.allclose(targets.teacher_topk_logprobs[row, :n], torch.tensor(response.teacher_topk_logprobs))
             assert targets.group_index[row] == q
             assert targets.accuracy_reward[row] == response.accuracy_reward
             # Positions count real tokens only, as in left-padded generation.
-            real = batch.attention_mask[row].bool()
-            assert batch.position_ids[row, real].tolist() == list(range(int(real.sum())))
+            real = attention_mask[row].bool()
+            assert batch.inputs["position_ids"][row, real].tolist() == list(range(int(real.sum())))
             row += 1
-    assert torch.equal(batch.pixel_values[0], batch.pixel_values[3])  # one image per question, repeated per response
+    assert torch.equal(batch.inputs["pixel_values"][0], batch.inputs["pixel_values"][3])  # one image per question, repeated per response
 
 
-def test_response_logits_predict_each_response_token(micro, records):
+def test_response_logits_predict_each_response_token(micro, family, records):
     """Padded batch log-probs of every response token equal those of an unpadded forward of that row alone."""
-    model, processor = micro
-    batch = collate_records(records[:3], processor)
+    model, _ = micro
+    batch = collate_records(records[:3], family)
     logits = response_logits(model, batch)
     logprobs = torch.log_softmax(logits, -1).gather(-1, batch.targets.target_ids.unsqueeze(-1)).squeeze(-1)
     row = 0
     for record in records[:3]:
         for response in record.responses:
-            single = collate_records([with_responses(record, response)], processor)
-            assert single.prompt_length + single.response_length == single.input_ids.shape[1]
+            single = collate_records([with_responses(record, response)], family)
+            assert single.prompt_length + single.response_length == single.inputs["input_ids"].shape[1]
             with torch.no_grad():
-                full = model(
-                    input_ids=single.input_ids, pixel_values=single.pixel_values, attention_mask=single.attention_mask
-                ).logits[0]
+                full = model(**{k: v for k, v in single.inputs.items() if k != "position_ids"}).logits[0]
             n = len(response.token_ids)
             P = single.prompt_length
             expected = torch.log_softmax(full[P - 1 : P - 1 + n], -1)[torch.arange(n), torch.tensor(response.token_ids)]
@@ -188,7 +193,7 @@ def test_response_logits_predict_each_response_token(micro, records):
             row += 1
 
 
-def test_loss_ignores_prompt_and_padding(micro, records):
+def test_loss_ignores_prompt_and_padding(micro, family, records):
     """A question's per-response divergences D_j do not change when batched with longer prompts and responses."""
     from masters.config import LossConfig, RewardConfig
     from masters.student_step import student_loss
@@ -197,8 +202,8 @@ def test_loss_ignores_prompt_and_padding(micro, records):
     config = LossConfig(objective="mask_progressive")
     vocab = len(processor.tokenizer)
     with torch.no_grad():
-        alone = student_loss(model, None, collate_records(records[:1], processor), config, RewardConfig(), vocab)
-        mixed_batch = collate_records(records[:1] + records[1:4], processor)
+        alone = student_loss(model, None, collate_records(records[:1], family), config, RewardConfig(), vocab)
+        mixed_batch = collate_records(records[:1] + records[1:4], family)
         assert mixed_batch.response_length > max(len(r.token_ids) for r in records[0].responses)
         mixed = student_loss(model, None, mixed_batch, config, RewardConfig(), vocab)
         # Garbage in padded target positions changes nothing either.
@@ -210,12 +215,12 @@ def test_loss_ignores_prompt_and_padding(micro, records):
     torch.testing.assert_close(garbage.divergence, mixed.divergence)
 
 
-def test_collate_rejects_ragged_topk(micro, records):
+def test_collate_rejects_ragged_topk(family, records):
     record = with_responses(records[0], records[0].responses[0])
     short = Response(**{**record.responses[0].__dict__})
     short.teacher_topk_ids = [ids[:4] for ids in short.teacher_topk_ids]
     with pytest.raises(ValueError, match="every token of a stage needs the same k"):
-        collate_records([records[1], with_responses(record, short)], micro[1])
+        collate_records([records[1], with_responses(record, short)], family)
 
 
 # --------------------------------------------------------------------------- sharding

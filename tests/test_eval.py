@@ -9,6 +9,7 @@ import pytest
 
 from masters.data import FAMILIES, make_split
 from masters.eval import evaluate, format_comparison, format_table
+from masters.families import VLMFamily
 from masters.models import MICRO, build_model, generate_answers, load_model
 from masters.rewards import rule_accuracy
 from masters.sft import encode_examples, train_sft
@@ -29,7 +30,7 @@ def test_report_matches_the_judge_on_each_answer(micro):
     responses = []
     for start in range(0, len(samples), 5):
         batch = samples[start : start + 5]
-        responses += generate_answers(model, processor, [s.image for s in batch], [s.question for s in batch], max_new_tokens=4)
+        responses += generate_answers(model, VLMFamily(model, processor), [s.image for s in batch], [s.question for s in batch], max_new_tokens=4)
     assert [p["response"] for p in report.predictions] == responses
     assert [p["correct"] for p in report.predictions] == [rule_accuracy(r, s.answer, 1e-6) for r, s in zip(responses, samples)]
 
@@ -48,7 +49,7 @@ def test_a_fitted_model_scores_higher_than_a_random_one(micro):
     model = build_model(MICRO, processor.tokenizer, seed=0).eval()
     before = evaluate(model, processor, samples, batch_size=8, max_new_tokens=4)
     examples = encode_examples(processor, [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples])
-    train_sft(model, examples, pad_token_id=processor.tokenizer.pad_token_id, steps=60, batch_size=8, lr=3e-3, progress=False)
+    train_sft(model, examples, VLMFamily(model, processor), steps=60, batch_size=8, lr=3e-3, progress=False)
     after = evaluate(model, processor, samples, batch_size=8, max_new_tokens=4)
     assert after.accuracy >= 0.75 and after.accuracy > before.accuracy, (before.predictions, after.predictions)
 

@@ -166,7 +166,7 @@ def test_level_zero_is_always_available_and_other_ratios_are_rejected():
         TeacherMasker(model, [0.2, 1.0])
     with pytest.raises(ValueError, match="scope must be one of"):
         TeacherMasker(model, [0.2], scope="everything")
-    with pytest.raises(ValueError, match="not a LLaVA-style VLM"):
+    with pytest.raises(ValueError, match="Sequential is not a transformers VLM"):
         masked_parameter_names(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 

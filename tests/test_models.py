@@ -21,6 +21,7 @@ from masters.models import (
     save_model,
     train_tokenizer,
 )
+from masters.families import VLMFamily
 from masters.sft import IGNORE_INDEX, collate, encode_examples, train_sft
 
 
@@ -70,11 +71,12 @@ def test_load_model_rejects_a_non_model_directory(tmp_path):
 
 def test_generate_answers_batches_left_padded_prompts(micro_model_dir, train_samples):
     model, processor = load_model(micro_model_dir)
+    family = VLMFamily(model, processor)
     samples = train_samples[:4]
-    answers = generate_answers(model, processor, [s.image for s in samples], [s.question for s in samples], max_new_tokens=4)
+    answers = generate_answers(model, family, [s.image for s in samples], [s.question for s in samples], max_new_tokens=4)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
     # Greedy decoding of one sample alone gives the same answer as inside the padded batch.
-    alone = generate_answers(model, processor, [samples[1].image], [samples[1].question], max_new_tokens=4)
+    alone = generate_answers(model, family, [samples[1].image], [samples[1].question], max_new_tokens=4)
     assert alone[0] == answers[1]
 
 
@@ -98,14 +100,16 @@ def test_collate_puts_labels_on_the_answer_and_eos_only(micro_processor, train_s
         micro_processor, [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]
     )
     tokenizer = micro_processor.tokenizer
-    batch = collate(examples, [0, 1, 2], tokenizer.pad_token_id)
+    family = VLMFamily(build_model(MICRO, tokenizer), micro_processor)
+    batch = collate(examples, [0, 1, 2], family)
+    prompt_length = max(len(p.token_ids) for p in examples.prompts)
     for row, sample in enumerate(samples):
         labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
         assert labelled[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(labelled[:-1]) == sample.answer
-        # The prompt part of the sequence is exactly what the processor builds for generation.
-        prompt_length = len(examples.prompt_ids[row])
-        assert batch["input_ids"][row][:prompt_length].tolist() == examples.prompt_ids[row]
+        # The prompt part of the sequence is exactly what the processor builds for generation (left padded).
+        prompt_ids = examples.prompts[row].token_ids
+        assert batch["input_ids"][row][prompt_length - len(prompt_ids) : prompt_length].tolist() == prompt_ids
     assert batch["pixel_values"].shape == (3, 3, MICRO.image_size, MICRO.image_size)
 
 
@@ -118,7 +122,7 @@ def test_sft_lowers_the_loss(micro_processor, train_samples):
     )
     model = build_model(MICRO, micro_processor.tokenizer, seed=0)
     result = train_sft(
-        model, examples, pad_token_id=micro_processor.tokenizer.pad_token_id, steps=30, batch_size=8, lr=3e-3,
+        model, examples, VLMFamily(model, micro_processor), steps=30, batch_size=8, lr=3e-3,
         warmup_steps=3, progress=False,
     )
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3

@@ -72,7 +72,7 @@ def test_greedy_generation_equals_transformers_generate(engine):
     prompt = image_prompt(engine)
     ours = engine.generate([(prompt, sampling(temperature=0.0, repetition_penalty=1.0, max_tokens=8))])[0][0]
     reference = engine.model.generate(
-        input_ids=torch.tensor([prompt.token_ids]), pixel_values=prompt.engine_input, max_new_tokens=8, do_sample=False
+        input_ids=torch.tensor([prompt.token_ids]), **prompt.engine_input.image_inputs, max_new_tokens=8, do_sample=False
     )
     assert ours.token_ids == reference[0, len(prompt.token_ids) :].tolist()
 
@@ -94,7 +94,7 @@ def test_seeded_request_is_the_same_alone_and_in_any_batch(engine):
 def test_sampling_never_emits_special_tokens_but_eos(engine):
     # A flat temperature makes every token likely, special ones included, unless they are excluded.
     completions = engine.generate([(image_prompt(engine), sampling(n=16, max_tokens=16, temperature=5.0, top_p=1.0, top_k=0, seed=7))])[0]
-    special = set(engine.tokenizer.all_special_ids) - {engine.eos_id}
+    special = set(engine.tokenizer.all_special_ids) - set(engine.family.stop_token_ids)
     emitted = {token for completion in completions for token in completion.token_ids}
     assert len(emitted) > 20, "a flat distribution should reach many tokens"
     assert not emitted & special
@@ -104,7 +104,7 @@ def test_generation_stops_at_max_tokens_and_reports_finish_reason(engine):
     completions = engine.generate([(image_prompt(engine), sampling(n=4, max_tokens=3))])[0]
     for completion in completions:
         assert 1 <= len(completion.token_ids) <= 3
-        stopped = completion.token_ids[-1] == engine.eos_id
+        stopped = completion.token_ids[-1] in engine.family.stop_token_ids
         assert completion.finish_reason == ("stop" if stopped else "length")
         assert stopped or len(completion.token_ids) == 3
 
@@ -115,7 +115,7 @@ def test_generation_stops_at_max_tokens_and_reports_finish_reason(engine):
 def direct_logprobs(engine, prompt, response):
     ids = torch.tensor([prompt.token_ids + response])
     with torch.inference_mode():
-        logits = engine.model(input_ids=ids, pixel_values=prompt.engine_input).logits
+        logits = engine.model(input_ids=ids, **prompt.engine_input.image_inputs).logits
     return logits.float().log_softmax(-1)[0, len(prompt.token_ids) - 1 : -1]
 
 

@@ -79,7 +79,7 @@ def test_frozen_vision_keeps_its_initialisation_and_the_language_model_trains(bu
 def test_captions_are_trained_on_with_the_questions(tmp_path, monkeypatch):
     seen = {}
 
-    def record(model, examples, **kwargs):
+    def record(model, examples, family, **kwargs):
         seen["examples"] = len(examples)
         raise RuntimeError("stop after the first role")
 
@@ -115,11 +115,11 @@ def test_interrupted_build_leaves_nothing_a_later_call_uses(tmp_path, monkeypatc
     config, real_train = micro_zoo_config(seed=1), zoo.train_sft
     trained = []
 
-    def train_then_crash(model, examples, **kwargs):
+    def train_then_crash(model, examples, family, **kwargs):
         trained.append(kwargs["description"])
         if len(trained) == 2:  # the student is trained and saved, then the second role fails mid-build
             raise RuntimeError("interrupted")
-        return real_train(model, examples, **kwargs)
+        return real_train(model, examples, family, **kwargs)
 
     monkeypatch.setattr(zoo, "train_sft", train_then_crash)
     with pytest.raises(RuntimeError, match="interrupted"):
