@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    CLIPImageProcessorPil,
+    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -131,7 +131,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, size: ModelSize) -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
+    # The torchvision-backed class: a saved processor reloads as this one, so training and serving agree.
+    image_processor = CLIPImageProcessor(
         size={"shortest_edge": size.image_size},
         crop_size={"height": size.image_size, "width": size.image_size},
     )

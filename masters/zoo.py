@@ -22,8 +22,9 @@ from masters.data import CAPTION_QUESTION, SUITE_VERSION, describe, make_split, 
 from masters.eval import evaluate
 from masters.families import VLMFamily, model_parts
 from masters.io import atomic_directory, atomic_write_json
-from masters.models import ModelSize, build_model, build_processor, parameter_count, save_model, train_tokenizer
+from masters.models import ModelSize, parameter_count, save_model
 from masters.sft import encode_examples, train_sft
+from masters.tiny_vlms import Architecture, build_model, build_processor, train_tokenizer
 
 ROLES = ("teacher-l", "teacher-m", "student")
 MANIFEST = "manifest.json"
@@ -116,6 +117,14 @@ class ZooConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    architecture: Architecture = Field(
+        "llava",
+        description=(
+            "The transformers family every role is built as (masters/tiny_vlms.py): llava, qwen2_5_vl, qwen3_vl, "
+            "internvl, gemma3 or idefics3. The default zoo is LLaVA; the others run the same code paths as the "
+            "real checkpoints of that family (docs/models.md)."
+        ),
+    )
     seed: int = Field(0, description="Seed of the generated suite splits and of the tokenizer corpus.")
     vocab_size: int = Field(512, ge=64, description="Size of the shared byte-level BPE vocabulary.")
     tokenizer_corpus_size: int = Field(2000, ge=1, description="Suite texts the tokenizer is trained on.")
@@ -213,7 +222,7 @@ def build_zoo(
     corpus = text_corpus(seed=config.seed, size=config.tokenizer_corpus_size)
     if config.captions:
         corpus += [describe(s) for s in make_split("train", config.tokenizer_corpus_size, seed=config.seed)]
-    tokenizer = train_tokenizer(corpus, config.vocab_size)
+    tokenizer = train_tokenizer(corpus, config.vocab_size, config.architecture)
     train_samples = make_split("train", config.train_size, seed=config.seed)
     images = [s.image for s in train_samples]
     questions, answers = [s.question for s in train_samples], [s.answer for s in train_samples]
@@ -228,10 +237,10 @@ def build_zoo(
         for role in reversed(ROLES):
             role_config = config.roles[role]
             role_started = time.perf_counter()
-            processor = build_processor(tokenizer, role_config.size)
+            processor = build_processor(tokenizer, role_config.size, config.architecture)
             if role_config.size.image_size not in encoded_by_image_size:
                 encoded_by_image_size[role_config.size.image_size] = encode_examples(processor, images, questions, answers)
-            model = build_model(role_config.size, tokenizer, seed=role_config.seed)
+            model = build_model(role_config.size, tokenizer, config.architecture, seed=role_config.seed)
             if role_config.freeze_vision:
                 parts = model_parts(model)
                 for module in (parts.vision_tower, *parts.projector):
