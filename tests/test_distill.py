@@ -547,3 +547,43 @@ def stage_records_equal(run_a: Path, run_b: Path, stage_id: str) -> bool:
         return sorted((row for part in parts for row in pq.read_table(part).to_pylist()), key=lambda r: r["question_id"])
 
     return rows(run_a) == rows(run_b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["qwen2_5_vl", "internvl"])
+def test_micro_run_of_a_real_family_saves_a_student_transformers_loads(architecture, tmp_path):
+    """The whole method (Serve, Ray Data, Ray Train, HF save) with teachers and student of a real family's
+    architecture: the micro zoo built as that family, run by `python jobs/distill.py`."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from masters.tiny_vlms import MODEL_CLASSES
+    from masters.zoo import load_zoo_config, resolve_model
+
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix=f"ray-{architecture}-", dir="/tmp"))
+    command = [
+        sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(ROOT / MICRO),
+        "--set", f"models.zoo_config={ROOT / 'configs' / 'zoo' / f'micro_{architecture}.yaml'}",
+        "--set", f"storage_path={tmp_path / 'runs'}", "--set", f"models.zoo_dir={tmp_path / 'zoo'}",
+        "--set", f"name={architecture}", "--set", f"serve.port={free_ports(1)[0]}",
+    ]  # fmt: skip
+    try:
+        with (tmp_path / "run.log").open("w") as log:
+            result = subprocess.run(command, cwd=tmp_path, env=run_environment(ray_tmpdir), stdout=log,
+                                    stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, start_new_session=True)  # fmt: skip
+    finally:
+        kill_strays(ray_tmpdir)
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    assert result.returncode == 0, (tmp_path / "run.log").read_text()[-6000:]
+
+    run_dir = tmp_path / "runs" / architecture
+    state = read_json(run_dir / "state.json")
+    assert len(state["completed"]) == 4
+    student = AutoModelForImageTextToText.from_pretrained(run_dir / "student")
+    assert type(student) is MODEL_CLASSES[architecture]
+    processor = AutoProcessor.from_pretrained(run_dir / "student")
+    assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor", "internvl": "InternVLProcessor"}[architecture]
+    zoo_config = load_zoo_config(ROOT / "configs" / "zoo" / f"micro_{architecture}.yaml")
+    initial = AutoModelForImageTextToText.from_pretrained(resolve_model("zoo:student", tmp_path / "zoo", zoo_config))
+    moved = [name for (name, a), b in zip(student.named_parameters(), initial.parameters()) if not torch.equal(a, b)]
+    assert moved, "training did not change the student"
