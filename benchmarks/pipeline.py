@@ -47,7 +47,8 @@ def build_micro_model(directory: Path, sft_steps: int) -> Path:
     model samples any token, the image placeholder included, which the engine cannot score."""
     from masters.data import make_split, text_corpus
     from masters.families import VLMFamily
-    from masters.models import MICRO, build_model, build_processor, save_model, train_tokenizer
+    from masters.models import save_model
+    from masters.tiny_vlms import MICRO, build_model, build_processor, train_tokenizer
     from masters.sft import encode_examples, train_sft
 
     tokenizer = train_tokenizer(text_corpus(seed=0, size=500), vocab_size=384)

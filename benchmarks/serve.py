@@ -35,7 +35,8 @@ from PIL import Image  # noqa: E402
 
 from masters.config import ServeConfig, validate_config  # noqa: E402
 from masters.data import text_corpus  # noqa: E402
-from masters.models import ModelSize, build_model, build_processor, parameter_count, save_model, train_tokenizer  # noqa: E402
+from masters.models import parameter_count, save_model  # noqa: E402
+from masters.tiny_vlms import ModelSize, build_model, build_processor, train_tokenizer  # noqa: E402
 from serve.api import ChatMessage  # noqa: E402
 from serve.engine import Sampling, TransformersEngine, chat_prompt  # noqa: E402
 

@@ -44,15 +44,8 @@ from PIL import Image  # noqa: E402
 from masters.batching import ShardPlan, StageTable, collate_records  # noqa: E402
 from masters.families import VLMFamily  # noqa: E402
 from masters.config import MastersConfig  # noqa: E402
-from masters.models import (  # noqa: E402
-    build_model,
-    build_processor,
-    build_prompt,
-    load_model,
-    parameter_count,
-    save_model,
-    train_tokenizer,
-)
+from masters.models import build_prompt, load_model, parameter_count, save_model  # noqa: E402
+from masters.tiny_vlms import build_model, build_processor, train_tokenizer  # noqa: E402
 from masters.records import Response, StageRecord, records_to_table  # noqa: E402
 from masters.student_step import needs_reference, response_logits, student_loss  # noqa: E402
 

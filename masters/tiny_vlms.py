@@ -7,7 +7,8 @@ released checkpoints, only at toy sizes: the way transformers' own tests build t
 
 Architectures and their classes:
 
-* ``llava``      `LlavaForConditionalGeneration` + `LlavaProcessor`: delegated to `masters.models`.
+* ``llava``      `LlavaForConditionalGeneration` (CLIP + Llama) + `LlavaProcessor` (`CLIPImageProcessor`),
+  with our own turn format: the zoo's family.
 * ``qwen2_5_vl`` `Qwen2_5_VLForConditionalGeneration` + `Qwen2_5_VLProcessor`
   (`Qwen2VLImageProcessor`, `Qwen2VLVideoProcessor`).
 * ``qwen3_vl``   `Qwen3VLForConditionalGeneration` + `Qwen3VLProcessor`
@@ -37,7 +38,7 @@ text_hidden_size // text_heads. The image fields differ, because each family see
   side is 2 * image_size, then split into image_size crops (at most 2x2) plus a global view; each crop
   gives (image_size / patch_size)**2 / 4 tokens (pixel shuffle, scale factor 2).
 
-Tokenizers are the same byte-level BPE as `masters.models.train_tokenizer`, trained with the family's
+Tokenizers are one byte-level BPE (trained with the `tokenizers` library on the given texts) with the family's
 own special tokens (first in the vocabulary), named attributes the processors read, and a chat template
 written here in the family's turn format. Qwen tokenizers pad on the RIGHT, as the released ones do;
 every other family pads on the left. `model.generation_config.eos_token_id` is a list holding the token
@@ -51,8 +52,11 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
@@ -70,6 +74,9 @@ from transformers import (
     InternVLVideoProcessor,
     InternVLVisionConfig,
     LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
@@ -86,8 +93,62 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from masters import models as llava
-from masters.models import ModelSize
+
+class ModelSize(BaseModel):
+    """Shape of one tiny model, in any family (the module docstring says how each family reads it).
+
+    Parameter count is dominated by the text layers.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text_hidden_size: int = Field(ge=8)
+    text_layers: int = Field(ge=1)
+    text_heads: int = Field(ge=1)
+    text_kv_heads: int | None = Field(None, ge=1, description="Grouped-query heads; None = text_heads.")
+    text_intermediate_size: int = Field(ge=8)
+    vision_hidden_size: int = Field(ge=8)
+    vision_layers: int = Field(ge=2, description="At least 2: LLaVA reads the second-to-last vision layer.")
+    vision_heads: int = Field(ge=1)
+    vision_intermediate_size: int = Field(ge=8)
+    image_size: int = Field(64, ge=8)
+    patch_size: int = Field(8, ge=1)
+    max_positions: int = Field(512, ge=32)
+
+    @model_validator(mode="after")
+    def _shapes_divide(self) -> ModelSize:
+        if self.text_hidden_size % self.text_heads:
+            raise ValueError(f"text_hidden_size ({self.text_hidden_size}) must be divisible by text_heads ({self.text_heads})")
+        if self.text_heads % (self.text_kv_heads or self.text_heads):
+            raise ValueError(f"text_heads ({self.text_heads}) must be divisible by text_kv_heads ({self.text_kv_heads})")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"vision_hidden_size ({self.vision_hidden_size}) must be divisible by vision_heads ({self.vision_heads})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+        return self
+
+    @property
+    def image_seq_length(self) -> int:
+        """Image tokens of a LLaVA model of this size: one per patch."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+# The size the tests use: built and run in well under a second.
+MICRO = ModelSize(
+    text_hidden_size=64,
+    text_layers=2,
+    text_heads=4,
+    text_intermediate_size=128,
+    vision_hidden_size=32,
+    vision_layers=2,
+    vision_heads=2,
+    vision_intermediate_size=64,
+    image_size=32,
+    patch_size=8,
+)
+
 
 Architecture = Literal["llava", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "idefics3"]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
@@ -104,6 +165,29 @@ IDEFICS3_SCALE_FACTOR = 2
 
 
 # --------------------------------------------------------------------------- chat templates
+
+# LLaVA (the zoo's family, our own turn format).
+LLAVA_IMAGE_TOKEN = "<image>"
+LLAVA_PAD_TOKEN = "<pad>"
+LLAVA_BOS_TOKEN = "<s>"
+LLAVA_EOS_TOKEN = "</s>"
+LLAVA_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+
+# Each turn is `<|role|>\n…</s>\n`; a generation prompt opens the assistant turn, and the model
+# ends its answer with `</s>`, the EOS token. Images come before the text of their message.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 
 # Templates are built by string concatenation with no newline right after a block tag: transformers
 # renders chat templates with trim_blocks, which would silently drop such a newline.
@@ -226,6 +310,16 @@ _IDEFICS3_IMAGE_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utter
 _IDEFICS3_GRID_TOKENS = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
 
 TOKENIZER_SPECS: dict[str, _TokenizerSpec] = {
+    # Each turn is `<|role|>\n…</s>\n`; `</s>` ends the answer and is EOS.
+    "llava": _TokenizerSpec(
+        specials=(LLAVA_PAD_TOKEN, LLAVA_BOS_TOKEN, LLAVA_EOS_TOKEN, LLAVA_IMAGE_TOKEN, *LLAVA_ROLE_TOKENS),
+        bos=LLAVA_BOS_TOKEN,
+        eos=LLAVA_EOS_TOKEN,
+        pad=LLAVA_PAD_TOKEN,
+        end_of_turn=LLAVA_EOS_TOKEN,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        padding_side="left",
+    ),
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": _QWEN,
     "internvl": _TokenizerSpec(
@@ -282,7 +376,7 @@ TOKENIZER_SPECS: dict[str, _TokenizerSpec] = {
 
 
 def _train_bpe(texts: Iterable[str], vocab_size: int, specials: Iterable[str]) -> Tokenizer:
-    """The byte-level BPE of `masters.models.train_tokenizer`, with `specials` first in the vocabulary."""
+    """A byte-level BPE trained on `texts`, with `specials` first in the vocabulary."""
     specials = list(specials)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -302,8 +396,6 @@ def train_tokenizer(
     texts: Iterable[str], vocab_size: int = 512, architecture: Architecture = "llava"
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` with `architecture`'s special tokens and chat template."""
-    if architecture == "llava":
-        return llava.train_tokenizer(texts, vocab_size=vocab_size)
     spec = _spec(architecture)
     named_specials = {spec.bos, spec.eos, spec.pad}
     extra = spec.extra if spec.extra is not None else tuple(t for t in spec.specials if t not in named_specials)
@@ -322,7 +414,7 @@ def train_tokenizer(
 
 def end_of_turn_token(architecture: Architecture) -> str:
     """The token that ends an assistant turn in `architecture`'s chat template."""
-    return llava.EOS_TOKEN if architecture == "llava" else _spec(architecture).end_of_turn
+    return _spec(architecture).end_of_turn
 
 
 def _spec(architecture: str) -> _TokenizerSpec:
@@ -385,10 +477,21 @@ def build_processor(
     tokenizer: PreTrainedTokenizerFast, size: ModelSize, architecture: Architecture = "llava"
 ) -> ProcessorMixin:
     """The family's real processor, its image (and video) processor sized so small images stay a few tokens."""
-    if architecture == "llava":
-        return llava.build_processor(tokenizer, size)
     _check_tokenizer(tokenizer, architecture)
     template = _spec(architecture).chat_template
+    if architecture == "llava":
+        return LlavaProcessor(
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": size.image_size},
+                crop_size={"height": size.image_size, "width": size.image_size},
+            ),
+            tokenizer=tokenizer,
+            patch_size=size.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS token, which the "default" strategy drops again
+            chat_template=template,
+            image_token=LLAVA_IMAGE_TOKEN,
+        )
     if architecture in ("qwen2_5_vl", "qwen3_vl"):
         qwen_sizes = dict(
             size=_qwen_pixel_bounds(size),
@@ -476,7 +579,19 @@ def _text_common(size: ModelSize, tokenizer: PreTrainedTokenizerFast) -> dict:
         num_key_value_heads=size.text_kv_heads or size.text_heads,
         max_position_embeddings=size.max_positions,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,  # halves the parameters of tiny models, as in masters.models
+        tie_word_embeddings=True,  # halves the parameters of tiny models; both stay dense under masking
+    )
+
+
+def _vision_common(size: ModelSize) -> dict:
+    """Vision-transformer fields of the CLIP, SigLIP, InternViT and Idefics3 towers."""
+    return dict(
+        hidden_size=size.vision_hidden_size,
+        intermediate_size=size.vision_intermediate_size,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads,
+        image_size=size.image_size,
+        patch_size=size.patch_size,
     )
 
 
@@ -488,6 +603,16 @@ def _config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, architecture: s
     text = _text_common(size, tokenizer)
     head_dim = size.text_hidden_size // size.text_heads
     ids = tokenizer.convert_tokens_to_ids
+    if architecture == "llava":
+        return LlavaConfig(
+            vision_config=CLIPVisionConfig(**_vision_common(size), projection_dim=size.vision_hidden_size),
+            text_config=LlamaConfig(**text, **_special_ids(tokenizer)),
+            image_token_index=ids(LLAVA_IMAGE_TOKEN),
+            image_seq_length=size.image_seq_length,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,  # LLaVA reads the second-to-last vision layer
+            tie_word_embeddings=True,
+        )
     if architecture in ("qwen2_5_vl", "qwen3_vl"):
         rope = {
             "rope_type": "default",
@@ -527,14 +652,7 @@ def _config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, architecture: s
         text |= dict(head_dim=head_dim, rope_parameters=rope | {"mrope_interleaved": True})
         return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True, **token_ids)
     if architecture == "internvl":
-        vision = InternVLVisionConfig(
-            hidden_size=size.vision_hidden_size,
-            intermediate_size=size.vision_intermediate_size,
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=size.vision_heads,
-            image_size=size.image_size,
-            patch_size=size.patch_size,
-        )
+        vision = InternVLVisionConfig(**_vision_common(size))
         return InternVLConfig(
             vision_config=vision,
             text_config=Qwen2Config(**text, **_special_ids(tokenizer)),
@@ -548,12 +666,7 @@ def _config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, architecture: s
         )
     if architecture == "gemma3":
         vision = SiglipVisionConfig(
-            hidden_size=size.vision_hidden_size,
-            intermediate_size=size.vision_intermediate_size,
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=size.vision_heads,
-            image_size=size.image_size,
-            patch_size=size.patch_size,
+            **_vision_common(size),
             vision_use_head=False,  # Gemma 3 reads the patch states, never SigLIP's pooled head
         )
         text = Gemma3TextConfig(
@@ -579,14 +692,7 @@ def _config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, architecture: s
             tie_word_embeddings=True,
         )
     if architecture == "idefics3":
-        vision = Idefics3VisionConfig(
-            hidden_size=size.vision_hidden_size,
-            intermediate_size=size.vision_intermediate_size,
-            num_hidden_layers=size.vision_layers,
-            num_attention_heads=size.vision_heads,
-            image_size=size.image_size,
-            patch_size=size.patch_size,
-        )
+        vision = Idefics3VisionConfig(**_vision_common(size))
         return Idefics3Config(
             vision_config=vision,
             text_config=LlamaConfig(**text, **_special_ids(tokenizer)),
@@ -598,6 +704,7 @@ def _config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, architecture: s
 
 
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "llava": LlavaForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "qwen3_vl": Qwen3VLForConditionalGeneration,
     "internvl": InternVLForConditionalGeneration,
@@ -610,8 +717,6 @@ def build_model(
     size: ModelSize, tokenizer: PreTrainedTokenizerFast, architecture: Architecture = "llava", seed: int = 0
 ) -> PreTrainedModel:
     """A freshly initialised `architecture` model of `size` whose vocabulary is exactly the tokenizer's."""
-    if architecture == "llava":
-        return llava.build_model(size, tokenizer, seed=seed)
     _check_tokenizer(tokenizer, architecture)
     config = _config(size, tokenizer, architecture)
     torch.manual_seed(seed)

@@ -22,9 +22,9 @@ from masters.data import CAPTION_QUESTION, SUITE_VERSION, describe, make_split, 
 from masters.eval import evaluate
 from masters.families import VLMFamily, model_parts
 from masters.io import atomic_directory, atomic_write_json
-from masters.models import ModelSize, parameter_count, save_model
+from masters.models import parameter_count, save_model
 from masters.sft import encode_examples, train_sft
-from masters.tiny_vlms import Architecture, build_model, build_processor, train_tokenizer
+from masters.tiny_vlms import Architecture, ModelSize, build_model, build_processor, train_tokenizer
 
 ROLES = ("teacher-l", "teacher-m", "student")
 MANIFEST = "manifest.json"

@@ -30,7 +30,8 @@ def ray_session():
 def micro_model_dir(tmp_path_factory):
     """A saved micro LLaVA model (random weights) with the family's tokenizer and processor."""
     from masters.data import text_corpus
-    from masters.models import MICRO, build_model, build_processor, save_model, train_tokenizer
+    from masters.models import save_model
+    from masters.tiny_vlms import MICRO, build_model, build_processor, train_tokenizer
 
     tokenizer = train_tokenizer(text_corpus(seed=0, size=500), vocab_size=384)
     model = build_model(MICRO, tokenizer, seed=0)

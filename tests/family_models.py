@@ -15,9 +15,9 @@ from PIL import Image, ImageDraw
 
 from masters.data import text_corpus
 from masters.families import VLMFamily
-from masters.models import MICRO, load_model, save_model
+from masters.models import load_model, save_model
 from masters.records import Response, StageRecord
-from masters.tiny_vlms import build_model, build_processor, train_tokenizer
+from masters.tiny_vlms import MICRO, build_model, build_processor, train_tokenizer
 
 
 @dataclass

@@ -10,7 +10,8 @@ import pytest
 from masters.data import FAMILIES, make_split
 from masters.eval import evaluate, format_comparison, format_table
 from masters.families import VLMFamily
-from masters.models import MICRO, build_model, generate_answers, load_model
+from masters.models import generate_answers, load_model
+from masters.tiny_vlms import MICRO, build_model
 from masters.rewards import rule_accuracy
 from masters.sft import encode_examples, train_sft
 

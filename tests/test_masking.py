@@ -197,7 +197,7 @@ def test_scopes_select_the_linear_weights_of_their_parts_only():
 
 @pytest.mark.parametrize(("dtype", "max_shard_bytes"), [(torch.float32, 30_000), (torch.bfloat16, 10**9)])
 def test_export_writes_loadable_levels_equal_to_the_live_masks(tmp_path, dtype, max_shard_bytes):
-    from masters.models import MICRO, build_processor, train_tokenizer
+    from masters.tiny_vlms import MICRO, build_processor, train_tokenizer
 
     model = tiny_llava(dtype)
     source = tmp_path / "source"

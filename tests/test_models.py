@@ -7,22 +7,10 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from masters.data import make_split
-from masters.models import (
-    EOS_TOKEN,
-    IMAGE_TOKEN,
-    MICRO,
-    ModelSize,
-    build_model,
-    build_prompt,
-    check_shared_tokenizer,
-    generate_answers,
-    load_model,
-    parameter_count,
-    save_model,
-    train_tokenizer,
-)
 from masters.families import VLMFamily
+from masters.models import build_prompt, check_shared_tokenizer, generate_answers, load_model, parameter_count, save_model
 from masters.sft import IGNORE_INDEX, collate, encode_examples, train_sft
+from masters.tiny_vlms import LLAVA_EOS_TOKEN, LLAVA_IMAGE_TOKEN, MICRO, ModelSize, build_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +40,9 @@ def test_save_load_round_trip_through_auto_classes(micro_processor, train_sample
 
     # The saved processor's chat template builds the prompt, and the processor expands the image token.
     prompt = build_prompt(processor, "is there a red circle?")
-    assert prompt == f"<|user|>\n{IMAGE_TOKEN}is there a red circle?{EOS_TOKEN}\n<|assistant|>\n"
+    assert prompt == f"<|user|>\n{LLAVA_IMAGE_TOKEN}is there a red circle?{LLAVA_EOS_TOKEN}\n<|assistant|>\n"
     inputs = processor(images=[train_samples[0].image], text=[prompt], return_tensors="pt")
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
     assert (inputs["input_ids"] == image_token_id).sum().item() == MICRO.image_seq_length
     assert inputs["pixel_values"].shape[-2:] == (MICRO.image_size, MICRO.image_size)
 
@@ -85,6 +73,15 @@ def test_shared_tokenizer_check(micro_processor):
     check_shared_tokenizer({"teacher": micro_processor, "student": micro_processor})
     with pytest.raises(ValueError, match="share one tokenizer"):
         check_shared_tokenizer({"teacher": micro_processor, "student": SimpleNamespace(tokenizer=other)})
+
+
+def test_shared_tokenizer_check_compares_chat_templates(micro_model_dir):
+    """Same vocabulary, another template: the stage prompts would mean different things to the models."""
+    student = AutoProcessor.from_pretrained(micro_model_dir)
+    teacher = AutoProcessor.from_pretrained(micro_model_dir)
+    teacher.chat_template = teacher.chat_template.replace("<|assistant|>", "<|system|>")
+    with pytest.raises(ValueError, match="share one chat template; the template of teacher differs from student"):
+        check_shared_tokenizer({"student": student, "teacher": teacher})
 
 
 def test_model_size_rejects_shapes_that_do_not_divide():

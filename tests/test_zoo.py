@@ -10,7 +10,8 @@ import yaml
 
 import masters.zoo as zoo
 from masters.config import ConfigError
-from masters.models import MICRO, build_model, load_model, parameter_count, train_tokenizer
+from masters.models import load_model, parameter_count
+from masters.tiny_vlms import MICRO, build_model, train_tokenizer
 from masters.zoo import ROLES, RoleConfig, ZooConfig, ensure_zoo, load_zoo_config, resolve_model, zoo_build_dir, zoo_key
 
 REPO = Path(__file__).resolve().parents[1]
