@@ -29,7 +29,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor
 
-from masters.config import ConfigError, MastersConfig, dump_config, load_config
+from masters.config import ConfigError, MastersConfig, dump_config, load_config, relative_paths
 from masters.curriculum import CurriculumState, Stage, format_plan, plan_curriculum
 from masters.io import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -38,6 +38,8 @@ logger = logging.getLogger("masters.distill")
 # The run without --config: the method's defaults (masters/config.py) on the tiny zoo, plus the few
 # values a 0.4M-parameter student needs instead of a 2B-8B one's (see the file).
 EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+# Set by Ray's job supervisor in the environment of a driver started with `ray job submit`.
+RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config or EMBEDDED_DEFAULT, args.set)
         plan = plan_curriculum(config, config.data.train_size)
+        check_paths_for_submitted_job(config)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -216,6 +219,26 @@ def format_resources(config: MastersConfig) -> str:
     ]
     widths = [max(len(row[c]) for row in rows) for c in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def check_paths_for_submitted_job(config: MastersConfig) -> None:
+    """Under `ray job submit` every path must be absolute, on storage every node mounts.
+
+    A submitted driver runs in a temporary copy of its working directory (or Ray's session directory)
+    on the head node: a relative path would put the run and the zoo there, where no other node sees them
+    and Ray deletes them after the job.
+    """
+    if RAY_JOB_ENV_VAR not in os.environ:
+        return
+    relative = relative_paths(config)
+    if relative:
+        listed = ", ".join(f"{field}={path!r}" for field, path in relative.items())
+        raise ConfigError(
+            f"under `ray job submit` these paths are relative: {listed}. The job runs in a temporary copy of its "
+            "working directory that other nodes do not see and Ray deletes afterwards; give absolute paths on "
+            "storage every node mounts, e.g. --set storage_path=/mnt/runs --set models.zoo_dir=/mnt/zoo "
+            "(docs/cluster.md, 'Paths')"
+        )
 
 
 def prepare_run_dir(config: MastersConfig, plan: list[Stage]) -> Path:

@@ -360,6 +360,21 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def relative_paths(config: MastersConfig) -> dict[str, str]:
+    """The config's file-system paths that are relative, by field name (`suite` and `zoo:` refs are not paths).
+
+    Every node reads and writes these; a relative one means "from this process's working directory",
+    which is only the user's directory when the driver runs where they typed the command.
+    """
+    paths = {"storage_path": config.storage_path, "models.zoo_dir": config.models.zoo_dir}
+    if config.data.dataset != "suite":
+        paths["data.dataset"] = config.data.dataset
+    for index, teacher in enumerate(config.models.teachers):
+        paths[f"models.teachers[{index}].model"] = teacher.model
+    paths["models.student"] = config.models.student
+    return {field: path for field, path in paths.items() if not path.startswith("zoo:") and not Path(path).is_absolute()}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MastersConfig:
     """The run config from an optional YAML file plus `section.field=value` overrides."""
     raw = read_yaml_mapping(path, "config file") if path is not None else {}

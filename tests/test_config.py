@@ -1,6 +1,6 @@
 import pytest
 
-from masters.config import ConfigError, MastersConfig, dump_config, load_config
+from masters.config import ConfigError, MastersConfig, dump_config, load_config, relative_paths
 
 
 def test_defaults_are_the_method_values():
@@ -67,3 +67,23 @@ def test_bad_files_are_named(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(listed)
+
+
+def test_relative_paths_lists_every_relative_path_field_and_only_those():
+    config = MastersConfig.model_validate(
+        {
+            "storage_path": "/mnt/runs",
+            "models": {
+                "zoo_dir": "cache/zoo",
+                "teachers": [{"name": "m", "model": "zoo:teacher-m"}, {"name": "l", "model": "models/large"}],
+                "student": "/mnt/models/student",
+            },
+            "data": {"dataset": "data/vqa"},
+        }
+    )
+    assert relative_paths(config) == {
+        "models.zoo_dir": "cache/zoo",
+        "models.teachers[1].model": "models/large",
+        "data.dataset": "data/vqa",
+    }
+    assert relative_paths(MastersConfig()) == {"storage_path": "runs", "models.zoo_dir": ".cache/zoo"}

@@ -250,6 +250,7 @@ class LocalCluster:
 
     dashboard_url: str
     env: dict[str, str]
+    gcs_address: str
 
 
 HEAD_STARTED = "This command will now block forever"  # `ray start --block` prints it once the node is up
@@ -267,20 +268,21 @@ def local_cluster(log_path: Path) -> Iterator[LocalCluster]:
     head = None
     try:
         for attempt in range(1, HEAD_START_ATTEMPTS + 1):
-            head, url = start_head(env, log_path)
+            head, url, gcs_address = start_head(env, log_path)
             if wait_for_head(head, url, env["RAY_AUTH_TOKEN"], log_path):
                 break
             stop_process_group(head, ray_tmpdir)
             assert attempt < HEAD_START_ATTEMPTS, f"`ray start` failed {attempt} times:\n{log_path.read_text()[-4000:]}"
-        yield LocalCluster(url, env)
+        yield LocalCluster(url, env, gcs_address)
     finally:
         if head is not None:
             stop_process_group(head, ray_tmpdir)
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
-def start_head(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`ray start --head --block` on free loopback ports, in its own process group; returns it and the dashboard URL."""
+def start_head(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str, str]:
+    """`ray start --head --block` on free loopback ports, in its own process group; returns it, the dashboard URL
+    and the GCS address other nodes join."""
     gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(9)
     command = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
@@ -293,7 +295,26 @@ def start_head(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, s
     ]  # fmt: skip
     with log_path.open("a") as log:
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return head, f"http://127.0.0.1:{dashboard}"
+    return head, f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}"
+
+
+def start_worker_node(cluster: LocalCluster, log_path: Path, timeout_s: float = 180) -> subprocess.Popen:
+    """A second node joining the cluster on loopback (`ray start --address --block`), up when this returns."""
+    agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(6)
+    command = [
+        str(VENV_BIN / "ray"), "start", f"--address={cluster.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}", "--num-cpus=1",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    with log_path.open("a") as log:
+        worker = subprocess.Popen(command, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while HEAD_STARTED not in log_path.read_text():
+        assert worker.poll() is None and time.monotonic() < deadline, f"the worker node did not start:\n{log_path.read_text()[-4000:]}"
+        time.sleep(1)
+    return worker
 
 
 def wait_for_head(head: subprocess.Popen, url: str, token: str, log_path: Path, timeout_s: float = 180) -> bool:
@@ -587,3 +608,27 @@ def test_micro_run_of_a_real_family_saves_a_student_transformers_loads(architect
     initial = AutoModelForImageTextToText.from_pretrained(resolve_model("zoo:student", tmp_path / "zoo", zoo_config))
     moved = [name for (name, a), b in zip(student.named_parameters(), initial.parameters()) if not torch.equal(a, b)]
     assert moved, "training did not change the student"
+
+
+@pytest.mark.slow
+def test_submitted_job_with_relative_paths_fails_before_start_on_two_nodes(tmp_path):
+    """The README's submit with the default relative paths, on a head + worker cluster: the job stops at the
+    config check, naming each relative field and the fix, before any Ray resource or file is made."""
+    with local_cluster(tmp_path / "ray_start.log") as cluster:
+        worker = start_worker_node(cluster, tmp_path / "ray_worker.log")
+        try:
+            command = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
+                       "--working-dir", str(ROOT), "--", "python", "jobs/distill.py", "--config", MICRO]  # fmt: skip
+            for _ in range(3):
+                result = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+                if "No available agent to submit job" not in result.stdout + result.stderr:
+                    break
+                time.sleep(5)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "failed" in output, output[-4000:]
+    assert "storage_path='runs'" in output and "models.zoo_dir='.cache/zoo'" in output, output[-4000:]
+    assert "--set storage_path=/mnt/runs" in output
+    assert "teacher service" not in output and "building zoo" not in output  # stopped before anything started
