@@ -43,7 +43,7 @@ from masters.data import VQASample
 from masters.data.export import png_bytes
 from masters.families import answer_end_id
 from masters.models import build_prompt
-from masters.records import SCHEMA_VERSION, STAGE_SCHEMA
+from masters.records import SCHEMA_VERSION, stage_schema
 from serve.levels import STUDENT, model_id
 
 logger = logging.getLogger(__name__)
@@ -373,7 +373,8 @@ def run_stages(
             for key, indices in by_stage.items():
                 item = pending[key]
                 if item.writer is None:
-                    item.writer = PartWriter(item.directory, STAGE_SCHEMA, kind="stage").__enter__()
+                    schema = stage_schema(config.generation.teacher_logprobs_dtype)
+                    item.writer = PartWriter(item.directory, schema, kind="stage").__enter__()
                 part = batch.take(indices)
                 item.writer.write(item.tally.add(part, config.rewards.judge.on_failure, item.stage.stage_id))
                 item.arrived += part.num_rows

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from masters.io import atomic_directory, atomic_write_json
-from masters.records import SCHEMA_VERSION, check_schema
+from masters.records import ROWS_PER_ROW_GROUP, SCHEMA_VERSION, check_schema
 
 MANIFEST = "manifest.json"
 # ~8 responses x 16 tokens x 64 top-k entries x 8 bytes ≈ 65 KB a row: parts of ~16 MB.
@@ -139,7 +139,7 @@ class PartWriter:
             return
         name = f"part-{len(self._files):05d}.parquet"
         table = pa.concat_tables(self._pending) if self._pending else self.schema.empty_table()
-        pq.write_table(table, self._tmp / name)
+        pq.write_table(table, self._tmp / name, row_group_size=ROWS_PER_ROW_GROUP)
         self._files.append({"name": name, "rows": table.num_rows, "bytes": (self._tmp / name).stat().st_size})
         self._pending, self._pending_rows = [], 0
 

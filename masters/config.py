@@ -120,6 +120,14 @@ class GenerationConfig(_Section):
     teacher_topk: int = Field(
         64, ge=1, description="k of the stored teacher top-k log-probs per token (plus one tail bucket)."
     )
+    teacher_logprobs_dtype: Literal["float16", "float32"] = Field(
+        "float16",
+        description=(
+            "How stage records store the teacher's top-k log-probs and tail mass. float16 (within 0.004 nats of "
+            "float32 for log-probs above -16) halves them, and they are most of a stage's bytes at top-64 "
+            "(docs/cluster.md, capacity); float32 keeps the engine's values exactly."
+        ),
+    )
 
     @model_validator(mode="after")
     def _group_fits(self) -> GenerationConfig:

@@ -14,33 +14,49 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 
-RESPONSE_TYPE = pa.struct(
-    [
-        ("source", pa.string()),  # "teacher" | "student" | "dataset" (naive baseline: the ground-truth answer)
-        ("text", pa.string()),
-        ("token_ids", pa.list_(pa.int32())),  # the response tokens as generated, EOS included when emitted
-        ("accuracy_reward", pa.float32()),
-        ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),  # [tokens][k]
-        ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),  # [tokens][k]
-        ("teacher_tail_mass", pa.list_(pa.float32())),  # [tokens]: 1 - sum(exp(top-k log-probs))
-    ]
-)
+# Questions per Parquet row group: the unit a streaming reader holds in memory. At the paper's scale
+# (8 responses x ~300 tokens x top-64 ids + float16 log-probs, ~0.9 MB a question) that is ~60 MB.
+ROWS_PER_ROW_GROUP = 64
 
-STAGE_SCHEMA = pa.schema(
-    [
-        ("question_id", pa.string()),
-        ("family", pa.string()),
-        ("image_png", pa.binary()),
-        ("question", pa.string()),
-        ("prompt", pa.string()),  # built by the processor's chat template
-        ("answer", pa.string()),  # ground truth
-        ("teacher", pa.string()),
-        ("mask_ratio", pa.float32()),
-        ("stage_index", pa.int32()),
-        ("responses", pa.list_(RESPONSE_TYPE)),
-    ],
-    metadata={"masters_schema_version": str(SCHEMA_VERSION)},
-)
+
+def response_type(logprobs_dtype: str = "float32") -> pa.StructType:
+    """One scored response; `logprobs_dtype` is how the teacher's log-probs and tail mass are stored."""
+    logprob = pa.float16() if logprobs_dtype == "float16" else pa.float32()
+    return pa.struct(
+        [
+            ("source", pa.string()),  # "teacher" | "student" | "dataset" (naive baseline: the ground-truth answer)
+            ("text", pa.string()),
+            ("token_ids", pa.list_(pa.int32())),  # the response tokens as generated, EOS included when emitted
+            ("accuracy_reward", pa.float32()),
+            ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),  # [tokens][k]
+            ("teacher_topk_logprobs", pa.list_(pa.list_(logprob))),  # [tokens][k]
+            ("teacher_tail_mass", pa.list_(logprob)),  # [tokens]: 1 - sum(exp(top-k log-probs))
+        ]
+    )
+
+
+def stage_schema(logprobs_dtype: str = "float32") -> pa.Schema:
+    """The stage record. Readers accept either log-prob dtype (`generation.teacher_logprobs_dtype`)."""
+    return pa.schema(
+        [
+            ("question_id", pa.string()),
+            ("family", pa.string()),
+            ("image_png", pa.binary()),
+            ("question", pa.string()),
+            ("prompt", pa.string()),  # built by the processor's chat template
+            ("answer", pa.string()),  # ground truth
+            ("teacher", pa.string()),
+            ("mask_ratio", pa.float32()),
+            ("stage_index", pa.int32()),
+            ("responses", pa.list_(response_type(logprobs_dtype))),
+        ],
+        metadata={"masters_schema_version": str(SCHEMA_VERSION)},
+    )
+
+
+# As the reward actors produce records (the engines' float32); the stage writer casts to the config's dtype.
+RESPONSE_TYPE = response_type("float32")
+STAGE_SCHEMA = stage_schema("float32")
 
 
 @dataclass

@@ -264,3 +264,34 @@ def test_shard_plan_rejects_bad_sizes(kwargs, message):
     arguments = {"num_questions": 16, "questions_per_batch": 4, "world_size": 2, "grad_accum_steps": 1, "seed": 0}
     with pytest.raises(ValueError, match=message):
         ShardPlan(**{**arguments, **kwargs})
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_stage_writer_stores_teacher_logprobs_in_the_configured_dtype(records, tmp_path, dtype):
+    """float16 (the default) rounds each stored log-prob to half precision and nothing else; float32 is exact.
+    Row groups hold at most ROWS_PER_ROW_GROUP questions, so a streaming reader holds one at a time."""
+    from cluster.stage_store import PartWriter
+    from masters.records import ROWS_PER_ROW_GROUP, records_to_table, stage_schema
+
+    many = [
+        StageRecord(**{**record.__dict__, "question_id": f"{record.question_id}-{copy}"})
+        for copy in range(ROWS_PER_ROW_GROUP // len(records) + 2)
+        for record in records
+    ]
+    with PartWriter(tmp_path / "stage", stage_schema(dtype), kind="stage") as writer:
+        writer.write(records_to_table(many))
+        writer.finish([r.question_id for r in many])
+    (part,) = (tmp_path / "stage").glob("*.parquet")
+    metadata = pq.ParquetFile(part).metadata
+    assert metadata.num_row_groups > 1 and all(
+        metadata.row_group(i).num_rows <= ROWS_PER_ROW_GROUP for i in range(metadata.num_row_groups)
+    )
+    table = StageTable(tmp_path / "stage")
+    read = {r.question_id: r for r in table.records(list(range(len(table))))}
+    for record in many:
+        for stored, original in zip(read[record.question_id].responses, record.responses):
+            expected = np.asarray(original.teacher_topk_logprobs, np.float32)
+            if dtype == "float16":
+                expected = expected.astype(np.float16).astype(np.float32)
+            assert np.array_equal(np.asarray(stored.teacher_topk_logprobs, np.float32), expected)
+            assert stored.teacher_topk_ids == original.teacher_topk_ids and stored.token_ids == original.token_ids
