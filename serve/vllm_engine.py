@@ -5,16 +5,19 @@ written against vLLM's documented offline API (`LLM.generate` with token prompts
 `SamplingParams(prompt_logprobs=k)` with a raised `max_logprobs`, `LLM.apply_model`). It is
 imported only when `serve.engine: vllm`.
 
-Mask levels: each worker keeps the dense Hugging Face tensors that the scope masks (read once from
-the checkpoint, in the served dtype) with their per-level bounds, and a switch writes the masked
-tensors through the model's own `load_weights`, which fuses (qkv, gate/up) and shards them for
-tensor parallelism exactly as at load time. Masks are therefore per Hugging Face tensor, identical
-to `TeacherMasker`'s, with no restart and no re-read from disk.
+Mask levels: each worker keeps, per Hugging Face tensor the scope masks, its place in the checkpoint
+and its per-level bounds (computed once from one read of the tensor in the served dtype). A switch
+reads the tensors again from the memory-mapped safetensors files, masks them on the GPU and writes
+them through the model's own `load_weights`, which fuses (qkv, gate/up) and shards them for tensor
+parallelism exactly as at load time. Masks are therefore per Hugging Face tensor, identical to
+`TeacherMasker`'s, with no restart and no dense copy per worker: host memory holds one tensor at a
+time, and the page cache one copy of the checkpoint per node, shared by its workers.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 from pathlib import Path
@@ -32,30 +35,48 @@ from serve.engine import ChatPrompt, Completion, EncodedPrompt, Sampling, switch
 
 
 def _init_levels(model: torch.nn.Module, model_dir: str, mask_ratios: list[float], scope: str) -> int:
-    """Keep the dense masked-scope tensors (CPU) and their level bounds on the worker's model."""
+    """Remember where each masked-scope tensor lies in the checkpoint and its per-level bounds.
+
+    The bounds need one read and sort of each tensor; the tensor itself is not kept (a 38B teacher's
+    dense copy would be ~76 GB of host memory in every tensor-parallel worker).
+    """
     from safetensors import safe_open
 
     from masters.masking import checkpoint_weight_map, mask_levels, masked_checkpoint_keys
 
-    dtype = next(model.parameters()).dtype
+    parameter = next(model.parameters())
     weight_map = checkpoint_weight_map(Path(model_dir))
-    tensors = []
-    for key in sorted(masked_checkpoint_keys(Path(model_dir), list(weight_map), scope)):
-        with safe_open(weight_map[key], framework="pt") as handle:
-            dense = handle.get_tensor(key).to(dtype)
-        tensors.append((key, dense, [level.bound for level in mask_levels(dense, mask_ratios)]))
-    model._masters_levels = (list(mask_ratios), tensors)
-    return len(tensors)
+    keys = sorted(masked_checkpoint_keys(Path(model_dir), list(weight_map), scope), key=lambda k: (str(weight_map[k]), k))
+    levels = []
+    for file, file_keys in itertools.groupby(keys, key=lambda k: weight_map[k]):
+        with safe_open(file, framework="pt") as handle:
+            for key in file_keys:
+                dense = handle.get_tensor(key).to(parameter.dtype)
+                levels.append((key, str(file), [level.bound for level in mask_levels(dense, mask_ratios)]))
+    model._masters_levels = (list(mask_ratios), parameter.dtype, parameter.device, levels)
+    return len(levels)
 
 
 def _set_level(model: torch.nn.Module, mask_ratio: float) -> None:
+    """Read each masked tensor from the memory-mapped checkpoint (the OS page cache is shared by the
+    node's workers), mask it on the GPU, and hand it to the model's own `load_weights`, one at a time."""
+    from safetensors import safe_open
+
     from masters.masking import write_level
 
-    mask_ratios, tensors = model._masters_levels
+    mask_ratios, dtype, device, levels = model._masters_levels
     level = next(i for i, ratio in enumerate(mask_ratios) if isclose_ratio(ratio, mask_ratio))
-    masked = ((key, write_level(dense, bounds[level], torch.empty_like(dense))) for key, dense, bounds in tensors)
-    model.load_weights(masked)
-    torch.cuda.synchronize()
+
+    def masked_tensors():
+        for file, entries in itertools.groupby(levels, key=lambda entry: entry[1]):
+            with safe_open(file, framework="pt") as handle:
+                for key, _, bounds in entries:
+                    dense = handle.get_tensor(key).to(device, dtype)
+                    yield key, write_level(dense, bounds[level], dense)  # in place: one copy on the GPU
+
+    model.load_weights(masked_tensors())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------- the engine

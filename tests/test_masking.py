@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from masters.masking import (
@@ -265,3 +266,29 @@ def test_mask_teacher_job_writes_every_level_and_a_sparsity_report(tmp_path, cap
     with pytest.raises(SystemExit):
         job.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")])
     assert "--model" in capsys.readouterr().err
+
+
+def test_vllm_level_switch_streams_the_exported_masks_from_the_checkpoint(micro_model_dir, tmp_path):
+    """The vLLM engine's in-worker level switch, run against a stand-in for vLLM's model (vLLM needs a GPU):
+    it hands `load_weights` exactly the tensors of the masked checkpoint export, and keeps no dense copy."""
+    from serve.vllm_engine import _init_levels, _set_level
+
+    class WeightSink(torch.nn.Module):  # what the switch needs of a vLLM model: a parameter's dtype/device, load_weights
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+            self.loaded: dict[str, torch.Tensor] = {}
+
+        def load_weights(self, weights):
+            self.loaded = {key: tensor.clone() for key, tensor in weights}
+
+    sink = WeightSink()
+    assert _init_levels(sink, str(micro_model_dir), [0.0, 0.1, 0.2], "all_linear") > 0
+    assert not any(isinstance(item, torch.Tensor) for entry in sink._masters_levels[-1] for item in entry)
+    export_masked_checkpoints(micro_model_dir, {0.1: tmp_path / "0.1"})
+    exported = load_file(tmp_path / "0.1" / "model.safetensors")
+    masked_keys = {entry["name"] for entry in json.loads((tmp_path / "0.1" / "mask_manifest.json").read_text())["tensors"]}
+    _set_level(sink, 0.1)
+    assert set(sink.loaded) == masked_keys
+    for key, tensor in sink.loaded.items():
+        assert torch.equal(tensor, exported[key]), key
