@@ -5,7 +5,7 @@
   switch waits for the engine lock, i.e. for the batch in flight. Every replica serves every level:
   the router spreads requests by queue length, not by level (see `_run_at_levels`).
 - `Gateway` (FastAPI ingress): auth, JSON validation, model-id routing, OpenAI-style errors, 503
-  when a model's queue is full.
+  when a model's queue is full, `stream: true` as server-sent events.
 
 Inside the cluster, call `serve.levels.model_handle(config, model_id)`, then
 `await handle.generate.remote(request)` / `handle.score.remote(request)` with the same pydantic
@@ -13,16 +13,18 @@ payloads the HTTP API takes, or `generate_many` / `score_many` with a list of th
 """
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -33,6 +35,7 @@ from masters.config import MastersConfig
 
 from serve.api import (
     AssistantMessage,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
@@ -46,6 +49,8 @@ from serve.api import (
     TokenScores,
     TopLogprob,
     Usage,
+    completion_chunks,
+    text_offsets,
 )
 from serve.engine import Completion, EncodedPrompt, Engine, Sampling, chat_prompt
 from serve.levels import APP_NAME, STUDENT, Catalog, ServedModel
@@ -179,6 +184,18 @@ class ModelServer:
         )
         return ChatCompletionResponse(model=request.model, choices=choices, usage=usage)
 
+    async def generate_stream(self, request: ChatCompletionRequest) -> tuple[ChatCompletionResponse, list[list[int]]]:
+        """`generate`, and per choice where each token's text ends in it (`text_offsets`), for `stream: true`.
+
+        The completion is generated whole, in the shared batches, and then streamed: per-token
+        generation would take the request out of batching. Decoding happens here, where the tokenizer is.
+        """
+        response = await self.generate(request)
+        # The Engine protocol decodes one token only; both engines keep the Hugging Face tokenizer.
+        decode = functools.partial(self.engine.tokenizer.decode, skip_special_tokens=True)
+        offsets = [text_offsets(decode, choice.token_ids, choice.message.content) for choice in response.choices]
+        return response, offsets
+
     def _choice_logprobs(self, completion: Completion) -> ChoiceLogprobs | None:
         if completion.logprobs is None:
             return None
@@ -296,6 +313,15 @@ def _validation_message(error: ValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(problems), first_param
 
 
+def _events(chunks: Iterator[ChatCompletionChunk], include_usage: bool) -> Iterator[str]:
+    """Server-sent events as OpenAI sends them: `data: <chunk>` each, then `data: [DONE]`. Chunks carry
+    `usage` (null until the last) only when the request asked for it."""
+    exclude = None if include_usage else {"usage"}
+    for chunk in chunks:
+        yield f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
 @serve.ingress(api)
 class Gateway:
     """HTTP front: auth, validation, routing by model id, OpenAI-style errors."""
@@ -326,8 +352,15 @@ class Gateway:
             except ValidationError as exc:
                 message, param = _validation_message(exc)
                 raise ServeError(400, message, param) from None
-            level = self.catalog.resolve(payload.model)
-            result = await getattr(self.handles[level.model.name], method).remote(payload)
+            handle = self.handles[self.catalog.resolve(payload.model).model.name]
+            if getattr(payload, "stream", False):
+                # The whole completion before the first byte: every error (a bad image, the context,
+                # a full queue) is still an ordinary 4xx/503 here, never a broken 200 stream.
+                response, offsets = await handle.generate_stream.remote(payload)
+                include_usage = payload.stream_options is not None and payload.stream_options.include_usage
+                chunks = completion_chunks(response, offsets, include_usage)
+                return StreamingResponse(_events(chunks, include_usage), media_type="text/event-stream")
+            result = await getattr(handle, method).remote(payload)
             return JSONResponse(result.model_dump(mode="json"))
         except ServeError as error:  # also a ServeError raised in a replica (Ray re-raises it as its cause's class)
             return JSONResponse(error.body(), status_code=error.status)

@@ -148,6 +148,98 @@ def test_seeded_requests_reproduce_whatever_they_are_batched_with(service, clien
     assert ask(seed=12) != alone
 
 
+# --------------------------------------------------------------------------- streaming
+
+
+def streamed(chunks: list, index: int) -> dict:
+    """One choice of a stream put back together; `finish_reasons` lists every non-null one in order."""
+    mine = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].index == index]
+    return {
+        "first_role": mine[0].delta.role,
+        "text": "".join(choice.delta.content or "" for choice in mine),
+        "deltas": [choice.delta.content for choice in mine[1:-1]],
+        "token_ids": [token for choice in mine for token in choice.token_ids],
+        "logprobs": [entry for choice in mine if choice.logprobs for entry in choice.logprobs.content],
+        "finish_reasons": [choice.finish_reason for choice in mine if choice.finish_reason is not None],
+        "last_finish": mine[-1].finish_reason,
+    }
+
+
+def test_streamed_chat_is_the_non_streamed_one_token_by_token(client):
+    request = {"model": "teacher@0.1", "messages": image_messages(), "n": 2, "max_tokens": 12, "seed": 21,
+               "temperature": 1.0, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+
+    assert {chunk.id for chunk in chunks} == {chunks[0].id}
+    assert {chunk.object for chunk in chunks} == {"chat.completion.chunk"}
+    assert all(chunk.model == "teacher@0.1" for chunk in chunks)
+    *choice_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+    assert all(len(chunk.choices) == 1 and chunk.usage is None for chunk in choice_chunks)
+    assert {chunk.choices[0].index for chunk in choice_chunks} == {0, 1}
+    for choice in whole.choices:
+        stream = streamed(choice_chunks, choice.index)
+        assert stream["first_role"] == "assistant"
+        assert stream["text"] == choice.message.content
+        assert stream["token_ids"] == choice.token_ids
+        assert stream["logprobs"] == choice.logprobs.content
+        assert stream["finish_reasons"] == [choice.finish_reason] == [stream["last_finish"]]
+        assert all(stream["deltas"]) and len(stream["deltas"]) > 1, "per-token deltas, not one block of text"
+    # The two samples advance together, as they would if they were generated live.
+    assert [chunk.choices[0].index for chunk in choice_chunks[:4]] == [0, 1, 0, 1]
+
+
+def test_stream_is_openai_server_sent_events_on_the_wire(service):
+    body = chat(model="student", max_tokens=5, stream=True)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", service[1] + "/chat/completions", json=body, headers=headers, timeout=60) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        raw = reply.read().decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(event.startswith("data: ") for event in events[:-1])
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("usage" not in chunk for chunk in chunks), "usage only when stream_options.include_usage"
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(set(chunk["choices"][0]["delta"]) == {"content"} for chunk in chunks[1:-1])
+
+
+def test_streamed_errors_are_ordinary_errors_not_streams(client):
+    with pytest.raises(openai.NotFoundError, match="valid model ids"):
+        client.chat.completions.create(model="teacher@0.5", messages=image_messages(), stream=True)
+    with pytest.raises(openai.BadRequestError, match="max_n"):
+        client.chat.completions.create(model="teacher@0", messages=image_messages(), n=20, stream=True)
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        client.chat.completions.create(
+            model="teacher@0", messages=image_messages(), stream_options={"include_usage": True}
+        )
+
+
+def test_stream_deltas_never_split_a_character(micro_model_dir):
+    from transformers import AutoTokenizer
+
+    from serve.api import AssistantMessage, ChatCompletionResponse, Choice, Usage, completion_chunks, text_offsets
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_model_dir)
+    text = "naïve 日本語 ✓ café, the red square."  # byte-level BPE: 2-3 tokens for each non-ASCII character
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids), "the test needs characters spelt by several tokens"
+    decode = lambda token_ids: tokenizer.decode(token_ids, skip_special_tokens=True)  # noqa: E731
+    assert decode(ids) == text
+    choice = Choice(index=0, message=AssistantMessage(content=text), finish_reason="stop", token_ids=ids)
+    usage = Usage(prompt_tokens=1, completion_tokens=len(ids), total_tokens=1 + len(ids))
+    response = ChatCompletionResponse(model="m", choices=[choice], usage=usage)
+    chunks = [chunk.choices[0] for chunk in completion_chunks(response, [text_offsets(decode, ids, text)])]
+    deltas = [c.delta.content for c in chunks[1:-1]]
+    assert "".join(deltas) == text and not any("\ufffd" in delta for delta in deltas)
+    assert "日" in deltas and "é" in deltas and " red" in deltas
+    assert [t for c in chunks for t in c.token_ids] == ids and chunks[-1].token_ids == [tokenizer.eos_token_id]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
 def score(service, model: str, response_token_ids: list[int], top_k: int = 5) -> dict:
     body = {"model": model, "items": [{"messages": image_messages(), "response_token_ids": response_token_ids}], "top_k": top_k}
     reply = post(service, "/score", body)
@@ -290,7 +382,19 @@ BAD_REQUESTS = {
     "prompt beyond context": ("/chat/completions", chat(messages=image_messages("red " * 600)), 400, "context"),
     "n beyond max_n": ("/chat/completions", chat(n=9), 400, "max_n"),
     "max_tokens beyond limit": ("/chat/completions", chat(max_tokens=65), 400, "max_tokens_limit"),
-    "streaming": ("/chat/completions", chat(stream=True), 400, "stream"),
+    "stream_options without stream": (
+        "/chat/completions", chat(stream_options={"include_usage": True}), 400, "stream=true"
+    ),
+    "stream_options unknown field": (
+        "/chat/completions", chat(stream=True, stream_options={"include_usage": True, "x": 1}), 400, "stream_options.x"
+    ),
+    "streamed unknown model": ("/chat/completions", chat(model="gpt-4", stream=True), 404, "teacher@0.2"),
+    "streamed undecodable image": (
+        "/chat/completions", chat(messages=image_messages(url=NOT_AN_IMAGE), stream=True), 400, "decoded"
+    ),
+    "streamed prompt beyond context": (
+        "/chat/completions", chat(messages=image_messages("red " * 600), stream=True), 400, "context"
+    ),
     "score both responses": (
         "/score",
         {"model": "teacher@0", "items": [{"messages": image_messages(), "response": "a", "response_token_ids": [1]}]},
@@ -311,6 +415,7 @@ def test_bad_input_gets_an_openai_style_4xx(service, case):
     path, body, status, fragment = BAD_REQUESTS[case]
     reply = post(service, path, body)
     assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == "application/json"  # also when a stream was asked for
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"]
@@ -352,8 +457,8 @@ def test_overload_answers_503_and_the_service_recovers(service, client):
         limits = httpx.Limits(max_connections=200)
         headers = {"Authorization": f"Bearer {API_KEY}"}
         async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as http:
-            body = chat(model="student", n=4, max_tokens=48)
-            return await asyncio.gather(*(http.post(service[1] + "/chat/completions", json=body) for _ in range(128)))
+            bodies = [chat(model="student", n=4, max_tokens=48, stream=i % 2 == 1) for i in range(128)]
+            return await asyncio.gather(*(http.post(service[1] + "/chat/completions", json=body) for body in bodies))
 
     replies = asyncio.run(flood())
     statuses = [reply.status_code for reply in replies]
@@ -361,5 +466,11 @@ def test_overload_answers_503_and_the_service_recovers(service, client):
     assert 503 in statuses and 200 in statuses
     rejected = next(reply for reply in replies if reply.status_code == 503)
     assert rejected.json()["error"]["code"] == "overloaded"
+    # A streamed request turned away is the same JSON 503, not a 200 stream that breaks off.
+    streamed_replies = replies[1::2]
+    assert any(reply.status_code == 503 for reply in streamed_replies), [reply.status_code for reply in streamed_replies]
+    for reply in streamed_replies:
+        kind = "application/json" if reply.status_code == 503 else "text/event-stream"
+        assert reply.headers["content-type"].startswith(kind)
     response = client.chat.completions.create(model="student", messages=image_messages(), max_tokens=2)
     assert len(response.choices) == 1
