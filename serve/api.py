@@ -38,7 +38,8 @@ class ServeError(Exception):
         self.error_type = error_type
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=self.error_type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -369,3 +370,26 @@ class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    models: dict[str, dict] = Field(
+        description="Per model, what one of its replicas reports (`replica`, `engine`, `mask_ratio`, batch and "
+        "level-switch counts), or `{\"error\": ...}` when none answered."
+    )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="`invalid_request_error`, `authentication_error` or `server_error`.")
+    param: str | None = Field(description="The request field at fault, when one is.")
+    code: str | None = Field(description="e.g. `context_length_exceeded`, `invalid_api_key`, `overloaded`.")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: what every 4xx and 503 of the service carries."""
+
+    error: ErrorDetail

@@ -24,8 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -40,6 +42,8 @@ from serve.api import (
     ChatCompletionResponse,
     Choice,
     ChoiceLogprobs,
+    ErrorResponse,
+    Health,
     ModelCard,
     ModelList,
     ScoreRequest,
@@ -288,6 +292,49 @@ class ModelServer:
 
 api = FastAPI(title="Masters teacher service")
 
+# What the routes answer besides 200, for /openapi.json: clients and schema fuzzers check every status
+# against it. Validation errors are 400s (the routes validate strictly themselves, so never FastAPI's
+# 422), an oversized image is a 400 `image_too_large` (no 413), a full queue is a 503 (no 429).
+_ERRORS = {
+    400: "Invalid request: malformed JSON; a missing, wrong-typed or unknown field (named in `param`); an image "
+    "that cannot be used (`invalid_image`, `image_too_large`, `local_images_disabled`); a limit exceeded "
+    "(`n`, `max_tokens`, `context_length_exceeded`).",
+    401: "Missing or wrong API key (`invalid_api_key`); only when the service requires one (serve.api_key_env).",
+    404: "Unknown model id or mask level; the message lists the valid ids.",
+    503: "The model's queue is full (`overloaded`): retry later.",
+}
+
+
+def _responses(ok: type[BaseModel], *errors: int, description: str = "Successful Response", **ok_fields) -> dict:
+    responses: dict = {200: {"model": ok, "description": description, **ok_fields}}
+    return responses | {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in errors}
+
+
+def _body(model: type[BaseModel]) -> dict:
+    """The request body of a route, for /openapi.json (its schema is added by `_openapi`)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi() -> dict:
+    """FastAPI's spec plus the request bodies' schemas. The routes read their bodies themselves (strict,
+    errors as OpenAI's 400s rather than FastAPI's 422s), so FastAPI does not know those models."""
+    if api.openapi_schema is None:
+        spec = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        _, definitions = models_json_schema(
+            [(ChatCompletionRequest, "validation"), (ScoreRequest, "validation")],
+            ref_template="#/components/schemas/{model}",
+        )
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in definitions["$defs"].items():
+            if schemas.setdefault(name, schema) != schema:
+                raise RuntimeError(f"two different schemas named {name} in /openapi.json")
+        api.openapi_schema = spec
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None):
     error = ServeError(status, message, param, code, kind or "invalid_request_error")
@@ -296,7 +343,10 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    response = _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+    response.headers.update(exc.headers or {})  # a 405's `Allow`
+    return response
 
 
 def _validation_message(error: ValidationError) -> tuple[str, str | None]:
@@ -372,15 +422,28 @@ class Gateway:
                 kind="server_error",
             )
 
-    @api.post("/v1/chat/completions")
+    @api.post(
+        "/v1/chat/completions",
+        responses=_responses(
+            ChatCompletionResponse,
+            400,
+            401,
+            404,
+            503,
+            description="A `chat.completion`; with `stream: true`, `text/event-stream`: `data: <chat.completion.chunk>` "
+            "events, then `data: [DONE]`.",
+            content={"text/event-stream": {"schema": {"type": "string"}}},
+        ),
+        openapi_extra=_body(ChatCompletionRequest),
+    )
     async def chat_completions(self, request: Request) -> JSONResponse:
         return await self._call(request, ChatCompletionRequest, "generate")
 
-    @api.post("/v1/score")
+    @api.post("/v1/score", responses=_responses(ScoreResponse, 400, 401, 404, 503), openapi_extra=_body(ScoreRequest))
     async def score(self, request: Request) -> JSONResponse:
         return await self._call(request, ScoreRequest, "score")
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=_responses(ModelList, 401))
     async def models(self, request: Request) -> JSONResponse:
         try:
             self._check_auth(request)
@@ -393,7 +456,13 @@ class Gateway:
         ]
         return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
-    @api.get("/health")
+    @api.get(
+        "/health",
+        responses={
+            200: {"model": Health, "description": "Every model answered."},
+            503: {"model": Health, "description": "`degraded`: a model did not answer (its entry says why)."},
+        },
+    )
     async def health(self) -> JSONResponse:
         names = list(self.handles)
         states = await asyncio.gather(*(self.handles[n].health.remote() for n in names), return_exceptions=True)

@@ -11,6 +11,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -411,11 +412,12 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_input_gets_an_openai_style_4xx(service, case):
+def test_bad_input_gets_an_openai_style_4xx(service, spec, case):
     path, body, status, fragment = BAD_REQUESTS[case]
     reply = post(service, path, body)
     assert reply.status_code == status, reply.text
     assert reply.headers["content-type"] == "application/json"  # also when a stream was asked for
+    check_against_spec(spec, "/v1" + path, reply)
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"]
@@ -428,9 +430,113 @@ def test_missing_or_wrong_token_is_401(service, token):
     assert httpx.get(service[1] + "/models", timeout=30).status_code == 401
 
 
-def test_unknown_routes_get_an_openai_style_404(service):
+def test_unknown_routes_get_an_openai_style_404_and_wrong_methods_a_405(service):
     reply = httpx.get(service[1] + "/completions", timeout=30)
     assert reply.status_code == 404 and "/v1/completions" in reply.json()["error"]["message"]
+    assert reply.json()["error"]["code"] == "not_found"
+    reply = httpx.get(service[1] + "/chat/completions", timeout=30)
+    assert reply.status_code == 405 and reply.headers["allow"] == "POST"
+    assert reply.json()["error"]["code"] == "method_not_allowed"
+
+
+# --------------------------------------------------------------------------- the OpenAPI spec
+
+
+@pytest.fixture(scope="module")
+def spec(service) -> dict:
+    reply = httpx.get(service[1].removesuffix("/v1") + "/openapi.json", timeout=30)
+    assert reply.status_code == 200
+    return reply.json()
+
+
+def documented(spec: dict, path: str) -> dict[int, dict]:
+    (operation,) = spec["paths"][path].values()
+    return {int(status): answer for status, answer in operation["responses"].items()}
+
+
+def check_against_spec(spec: dict, path: str, reply: httpx.Response) -> None:
+    """The route's spec lists the status, and the JSON body has the schema it gives for it."""
+    answer = documented(spec, path).get(reply.status_code)
+    assert answer is not None, f"{path} answered {reply.status_code}, which /openapi.json does not list: {reply.text}"
+    schema = answer["content"]["application/json"]["schema"]
+    jsonschema.validate(reply.json(), {**schema, "components": spec["components"]})
+
+
+@pytest.fixture(scope="module")
+def degraded_url(service):
+    """A second gateway whose models never answer: the only way to see /health's 503 without breaking the service."""
+    from ray import serve
+
+    from serve.app import Gateway
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Unresponsive:
+        async def health(self) -> dict:
+            raise RuntimeError("engine lost")
+
+    unresponsive = Unresponsive.bind()
+    handles = {"teacher": unresponsive, "student": unresponsive}
+    gateway = serve.deployment(Gateway).options(name="gateway", ray_actor_options={"num_cpus": 0})
+    serve.run(gateway.bind(service[0], handles, None), name="degraded", route_prefix="/degraded")
+    try:
+        yield service[1].removesuffix("/v1") + "/degraded"
+    finally:
+        serve.delete("degraded")
+
+
+def test_openapi_lists_the_error_answers_with_openai_bodies(spec):
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    expected = {"/v1/chat/completions": {200, 400, 401, 404, 503}, "/v1/score": {200, 400, 401, 404, 503},
+                "/v1/models": {200, 401}, "/health": {200, 503}}  # fmt: skip
+    for path, statuses in expected.items():
+        answers = documented(spec, path)
+        assert set(answers) == statuses, path
+        if path != "/health":  # whose 503 is its own `degraded` report
+            assert all(answers[status]["content"]["application/json"]["schema"] == error for status in statuses - {200})
+    assert set(spec["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+    assert "text/event-stream" in documented(spec, "/v1/chat/completions")[200]["content"]
+    for path, request in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/score", "ScoreRequest")):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{request}"} and request in spec["components"]["schemas"]
+    # A valid request validates against the documented request schema, an invalid one does not.
+    request_schema = {"$ref": "#/components/schemas/ChatCompletionRequest", "components": spec["components"]}
+    jsonschema.validate(chat(n=2, stream=True, stream_options={"include_usage": True}), request_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(chat(frequency_pen=1), request_schema)
+
+
+def test_every_documented_status_is_really_answered(service, spec, degraded_url):
+    score_body = {"model": "teacher@0", "items": [{"messages": image_messages(), "response_token_ids": [40, 41]}]}
+    busy_score = score_body | {"items": [{"messages": image_messages(), "response_token_ids": list(range(40, 48))}] * 4}
+    root = service[1].removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    answers = {
+        "/v1/chat/completions": [
+            post(service, "/chat/completions", chat()),
+            post(service, "/chat/completions", "{"),
+            post(service, "/chat/completions", chat(), token=None),
+            post(service, "/chat/completions", chat(model="teacher@0.5")),
+            *flood(service, "/chat/completions", [chat(model="student", n=2, max_tokens=16)] * 128),
+        ],
+        "/v1/score": [
+            post(service, "/score", score_body),
+            post(service, "/score", score_body | {"top_k": 0}),
+            post(service, "/score", score_body, token="wrong"),
+            post(service, "/score", score_body | {"model": "teacher"}),
+            *flood(service, "/score", [busy_score] * 128),
+        ],
+        "/v1/models": [
+            httpx.get(service[1] + "/models", headers=headers, timeout=30),
+            httpx.get(service[1] + "/models", timeout=30),
+        ],
+        "/health": [httpx.get(root + "/health", timeout=30), httpx.get(degraded_url + "/health", timeout=30)],
+    }
+    for path, replies in answers.items():
+        for reply in replies:
+            check_against_spec(spec, path, reply)
+        assert {reply.status_code for reply in replies} == set(documented(spec, path)), path
+    degraded = answers["/health"][-1].json()
+    assert degraded["status"] == "degraded" and "engine lost" in degraded["models"]["teacher"]["error"]
 
 
 def test_the_openai_client_sees_4xx_as_its_own_errors(client):
@@ -452,15 +558,24 @@ def test_32_concurrent_clients_are_all_answered(service):
         assert list(pool.map(ask, range(32))) == [1] * 32
 
 
-def test_overload_answers_503_and_the_service_recovers(service, client):
-    async def flood() -> list[httpx.Response]:
+def flood(service, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    """All `bodies` posted at once, far more than a model's queue takes."""
+
+    async def send() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=200)
         headers = {"Authorization": f"Bearer {API_KEY}"}
         async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as http:
-            bodies = [chat(model="student", n=4, max_tokens=48, stream=i % 2 == 1) for i in range(128)]
-            return await asyncio.gather(*(http.post(service[1] + "/chat/completions", json=body) for body in bodies))
+            return await asyncio.gather(*(http.post(service[1] + path, json=body) for body in bodies))
 
-    replies = asyncio.run(flood())
+    return asyncio.run(send())
+
+
+def test_overload_answers_503_and_the_service_recovers(service, client, spec):
+    bodies = [chat(model="student", n=4, max_tokens=48, stream=i % 2 == 1) for i in range(128)]
+    replies = flood(service, "/chat/completions", bodies)
+    for reply in replies:
+        if reply.headers["content-type"] == "application/json":
+            check_against_spec(spec, "/v1/chat/completions", reply)
     statuses = [reply.status_code for reply in replies]
     assert set(statuses) <= {200, 503}, statuses
     assert 503 in statuses and 200 in statuses
