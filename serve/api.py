@@ -1,19 +1,22 @@
 """Request and response payloads of the teacher service, shared by HTTP clients and Serve handles.
 
 Chat completions follow the OpenAI schema (plus `top_k` and `repetition_penalty`, and the
-generated `token_ids` on each choice); `/v1/score` is ours. Requests are strict: a wrong type or
-an unknown field is an error naming the field, never a silent coercion.
+generated `token_ids` on each choice), streamed as `chat.completion.chunk`s on request; `/v1/score`
+is ours. Requests are strict: a wrong type or an unknown field is an error naming the field, never
+a silent coercion.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 class ServeError(Exception):
@@ -35,7 +38,8 @@ class ServeError(Exception):
         self.error_type = error_type
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=self.error_type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -74,6 +78,10 @@ class ChatMessage(_Request):
 # --------------------------------------------------------------------------- chat completions
 
 
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="One more chunk before `[DONE]`: no choices, the request's usage.")
+
+
 class ChatCompletionRequest(_Request):
     """OpenAI chat completion request; unset sampling fields take the config's `generation.sampling`."""
 
@@ -89,12 +97,13 @@ class ChatCompletionRequest(_Request):
     seed: int | None = Field(None, description="Same seed and request: same samples, whatever shares the batch.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    stream: bool = False
+    stream: bool = Field(False, description="Server-sent `chat.completion.chunk` events, once the completion is generated.")
+    stream_options: StreamOptions | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        if self.stream:
-            raise ValueError("stream: streaming is not supported; send stream=false")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream=true")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
         return self
@@ -144,6 +153,102 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler) -> dict[str, str]:
+        # OpenAI's deltas carry only what the chunk adds: `{"content": "x"}`, and `{}` in the last one.
+        return {name: value for name, value in handler(self).items() if value is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    token_ids: list[int] = Field(
+        default_factory=list, description="The generated ids this chunk covers; a choice's chunks join to its token_ids."
+    )
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+def text_offsets(decode: Callable[[list[int]], str], token_ids: list[int], text: str) -> list[int]:
+    """For each generated token, how much of `text` (its completion's text) is complete once it is out.
+
+    Decoding token by token would split characters spelt by several tokens (byte-level BPE writes "é"
+    as two) and lose spaces that tokenizers attach to the token after, so each token is decoded in a
+    window with the ones before it, and a window ending in an incomplete character (U+FFFD) waits for
+    the next token (vLLM's and TGI's incremental detokenization). Offsets are clamped to `text` and the
+    last one is its end, so slices of `text` between them join to exactly the non-streamed text.
+    """
+    offsets: list[int] = []
+    produced, start, read = 0, 0, 0  # tokens[start:read] is the context already counted
+    for end in range(1, len(token_ids) + 1):
+        before = decode(token_ids[start:read])
+        now = decode(token_ids[start:end])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            produced += len(now) - len(before)
+            start, read = read, end
+        offsets.append(min(produced, len(text)))
+    if offsets:
+        offsets[-1] = len(text)
+    return offsets
+
+
+def completion_chunks(
+    response: ChatCompletionResponse, offsets: list[list[int]], include_usage: bool = False
+) -> Iterator[ChatCompletionChunk]:
+    """A whole completion as the chunks OpenAI streams: per choice the assistant role, then one content
+    delta per token that completes text (tokens that complete none, like a byte of "é", join the next
+    one), then an empty delta with `finish_reason` (and any trailing ids, e.g. the EOS); choices
+    interleave step by step. Then the usage chunk (no choices) if asked. `offsets` is `text_offsets`
+    per choice."""
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=response.id, created=response.created, model=response.model, choices=choices, usage=usage
+        )
+
+    per_choice = [_choice_chunks(choice, choice_offsets) for choice, choice_offsets in zip(response.choices, offsets)]
+    for step in itertools.zip_longest(*per_choice):
+        for choice_chunk in step:
+            if choice_chunk is not None:
+                yield chunk([choice_chunk])
+    if include_usage:
+        yield chunk([], response.usage)
+
+
+def _choice_chunks(choice: Choice, offsets: list[int]) -> Iterator[ChunkChoice]:
+    text, ids = choice.message.content, choice.token_ids
+    entries = choice.logprobs.content if choice.logprobs is not None else None
+
+    def covering(positions: list[int], **fields) -> ChunkChoice:
+        logprobs = ChoiceLogprobs(content=[entries[p] for p in positions]) if entries is not None and positions else None
+        return ChunkChoice(index=choice.index, token_ids=[ids[p] for p in positions], logprobs=logprobs, **fields)
+
+    yield ChunkChoice(index=choice.index, delta=ChunkDelta(role="assistant", content=""))
+    done, pending = 0, []
+    for position, end in enumerate(offsets):
+        pending.append(position)
+        if end > done:
+            yield covering(pending, delta=ChunkDelta(content=text[done:end]))
+            done, pending = end, []
+    yield covering(pending, delta=ChunkDelta(), finish_reason=choice.finish_reason)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -264,3 +369,27 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    models: dict[str, dict] = Field(
+        description="Per model, what one of its replicas reports (`replica`, `engine`, `mask_ratio`, batch and "
+        "level-switch counts), or `{\"error\": ...}` when none answered."
+    )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="`invalid_request_error`, `authentication_error` or `server_error`.")
+    param: str | None = Field(description="The request field at fault, when one is.")
+    code: str | None = Field(description="e.g. `context_length_exceeded`, `invalid_api_key`, `overloaded`.")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: what every 4xx and 503 of the service carries."""
+
+    error: ErrorDetail

@@ -5,7 +5,7 @@
   switch waits for the engine lock, i.e. for the batch in flight. Every replica serves every level:
   the router spreads requests by queue length, not by level (see `_run_at_levels`).
 - `Gateway` (FastAPI ingress): auth, JSON validation, model-id routing, OpenAI-style errors, 503
-  when a model's queue is full.
+  when a model's queue is full, `stream: true` as server-sent events.
 
 Inside the cluster, call `serve.levels.model_handle(config, model_id)`, then
 `await handle.generate.remote(request)` / `handle.score.remote(request)` with the same pydantic
@@ -13,17 +13,21 @@ payloads the HTTP API takes, or `generate_many` / `score_many` with a list of th
 """
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -33,10 +37,13 @@ from masters.config import MastersConfig
 
 from serve.api import (
     AssistantMessage,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
     ChoiceLogprobs,
+    ErrorResponse,
+    Health,
     ModelCard,
     ModelList,
     ScoreRequest,
@@ -46,6 +53,8 @@ from serve.api import (
     TokenScores,
     TopLogprob,
     Usage,
+    completion_chunks,
+    text_offsets,
 )
 from serve.engine import Completion, EncodedPrompt, Engine, Sampling, chat_prompt
 from serve.levels import APP_NAME, STUDENT, Catalog, ServedModel
@@ -179,6 +188,18 @@ class ModelServer:
         )
         return ChatCompletionResponse(model=request.model, choices=choices, usage=usage)
 
+    async def generate_stream(self, request: ChatCompletionRequest) -> tuple[ChatCompletionResponse, list[list[int]]]:
+        """`generate`, and per choice where each token's text ends in it (`text_offsets`), for `stream: true`.
+
+        The completion is generated whole, in the shared batches, and then streamed: per-token
+        generation would take the request out of batching. Decoding happens here, where the tokenizer is.
+        """
+        response = await self.generate(request)
+        # The Engine protocol decodes one token only; both engines keep the Hugging Face tokenizer.
+        decode = functools.partial(self.engine.tokenizer.decode, skip_special_tokens=True)
+        offsets = [text_offsets(decode, choice.token_ids, choice.message.content) for choice in response.choices]
+        return response, offsets
+
     def _choice_logprobs(self, completion: Completion) -> ChoiceLogprobs | None:
         if completion.logprobs is None:
             return None
@@ -271,6 +292,49 @@ class ModelServer:
 
 api = FastAPI(title="Masters teacher service")
 
+# What the routes answer besides 200, for /openapi.json: clients and schema fuzzers check every status
+# against it. Validation errors are 400s (the routes validate strictly themselves, so never FastAPI's
+# 422), an oversized image is a 400 `image_too_large` (no 413), a full queue is a 503 (no 429).
+_ERRORS = {
+    400: "Invalid request: malformed JSON; a missing, wrong-typed or unknown field (named in `param`); an image "
+    "that cannot be used (`invalid_image`, `image_too_large`, `local_images_disabled`); a limit exceeded "
+    "(`n`, `max_tokens`, `context_length_exceeded`).",
+    401: "Missing or wrong API key (`invalid_api_key`); only when the service requires one (serve.api_key_env).",
+    404: "Unknown model id or mask level; the message lists the valid ids.",
+    503: "The model's queue is full (`overloaded`): retry later.",
+}
+
+
+def _responses(ok: type[BaseModel], *errors: int, description: str = "Successful Response", **ok_fields) -> dict:
+    responses: dict = {200: {"model": ok, "description": description, **ok_fields}}
+    return responses | {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in errors}
+
+
+def _body(model: type[BaseModel]) -> dict:
+    """The request body of a route, for /openapi.json (its schema is added by `_openapi`)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi() -> dict:
+    """FastAPI's spec plus the request bodies' schemas. The routes read their bodies themselves (strict,
+    errors as OpenAI's 400s rather than FastAPI's 422s), so FastAPI does not know those models."""
+    if api.openapi_schema is None:
+        spec = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        _, definitions = models_json_schema(
+            [(ChatCompletionRequest, "validation"), (ScoreRequest, "validation")],
+            ref_template="#/components/schemas/{model}",
+        )
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in definitions["$defs"].items():
+            if schemas.setdefault(name, schema) != schema:
+                raise RuntimeError(f"two different schemas named {name} in /openapi.json")
+        api.openapi_schema = spec
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None):
     error = ServeError(status, message, param, code, kind or "invalid_request_error")
@@ -279,7 +343,10 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    response = _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+    response.headers.update(exc.headers or {})  # a 405's `Allow`
+    return response
 
 
 def _validation_message(error: ValidationError) -> tuple[str, str | None]:
@@ -294,6 +361,15 @@ def _validation_message(error: ValidationError) -> tuple[str, str | None]:
             message = "unknown field, not supported by this server"
         problems.append(f"{where or 'body'}: {message}")
     return "invalid request: " + "; ".join(problems), first_param
+
+
+def _events(chunks: Iterator[ChatCompletionChunk], include_usage: bool) -> Iterator[str]:
+    """Server-sent events as OpenAI sends them: `data: <chunk>` each, then `data: [DONE]`. Chunks carry
+    `usage` (null until the last) only when the request asked for it."""
+    exclude = None if include_usage else {"usage"}
+    for chunk in chunks:
+        yield f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 @serve.ingress(api)
@@ -326,8 +402,15 @@ class Gateway:
             except ValidationError as exc:
                 message, param = _validation_message(exc)
                 raise ServeError(400, message, param) from None
-            level = self.catalog.resolve(payload.model)
-            result = await getattr(self.handles[level.model.name], method).remote(payload)
+            handle = self.handles[self.catalog.resolve(payload.model).model.name]
+            if getattr(payload, "stream", False):
+                # The whole completion before the first byte: every error (a bad image, the context,
+                # a full queue) is still an ordinary 4xx/503 here, never a broken 200 stream.
+                response, offsets = await handle.generate_stream.remote(payload)
+                include_usage = payload.stream_options is not None and payload.stream_options.include_usage
+                chunks = completion_chunks(response, offsets, include_usage)
+                return StreamingResponse(_events(chunks, include_usage), media_type="text/event-stream")
+            result = await getattr(handle, method).remote(payload)
             return JSONResponse(result.model_dump(mode="json"))
         except ServeError as error:  # also a ServeError raised in a replica (Ray re-raises it as its cause's class)
             return JSONResponse(error.body(), status_code=error.status)
@@ -339,15 +422,28 @@ class Gateway:
                 kind="server_error",
             )
 
-    @api.post("/v1/chat/completions")
+    @api.post(
+        "/v1/chat/completions",
+        responses=_responses(
+            ChatCompletionResponse,
+            400,
+            401,
+            404,
+            503,
+            description="A `chat.completion`; with `stream: true`, `text/event-stream`: `data: <chat.completion.chunk>` "
+            "events, then `data: [DONE]`.",
+            content={"text/event-stream": {"schema": {"type": "string"}}},
+        ),
+        openapi_extra=_body(ChatCompletionRequest),
+    )
     async def chat_completions(self, request: Request) -> JSONResponse:
         return await self._call(request, ChatCompletionRequest, "generate")
 
-    @api.post("/v1/score")
+    @api.post("/v1/score", responses=_responses(ScoreResponse, 400, 401, 404, 503), openapi_extra=_body(ScoreRequest))
     async def score(self, request: Request) -> JSONResponse:
         return await self._call(request, ScoreRequest, "score")
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=_responses(ModelList, 401))
     async def models(self, request: Request) -> JSONResponse:
         try:
             self._check_auth(request)
@@ -360,7 +456,13 @@ class Gateway:
         ]
         return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
-    @api.get("/health")
+    @api.get(
+        "/health",
+        responses={
+            200: {"model": Health, "description": "Every model answered."},
+            503: {"model": Health, "description": "`degraded`: a model did not answer (its entry says why)."},
+        },
+    )
     async def health(self) -> JSONResponse:
         names = list(self.handles)
         states = await asyncio.gather(*(self.handles[n].health.remote() for n in names), return_exceptions=True)

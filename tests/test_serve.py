@@ -11,6 +11,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -146,6 +147,98 @@ def test_seeded_requests_reproduce_whatever_they_are_batched_with(service, clien
         [future.result() for future in noise]
     assert results == [alone, alone]
     assert ask(seed=12) != alone
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def streamed(chunks: list, index: int) -> dict:
+    """One choice of a stream put back together; `finish_reasons` lists every non-null one in order."""
+    mine = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].index == index]
+    return {
+        "first_role": mine[0].delta.role,
+        "text": "".join(choice.delta.content or "" for choice in mine),
+        "deltas": [choice.delta.content for choice in mine[1:-1]],
+        "token_ids": [token for choice in mine for token in choice.token_ids],
+        "logprobs": [entry for choice in mine if choice.logprobs for entry in choice.logprobs.content],
+        "finish_reasons": [choice.finish_reason for choice in mine if choice.finish_reason is not None],
+        "last_finish": mine[-1].finish_reason,
+    }
+
+
+def test_streamed_chat_is_the_non_streamed_one_token_by_token(client):
+    request = {"model": "teacher@0.1", "messages": image_messages(), "n": 2, "max_tokens": 12, "seed": 21,
+               "temperature": 1.0, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+
+    assert {chunk.id for chunk in chunks} == {chunks[0].id}
+    assert {chunk.object for chunk in chunks} == {"chat.completion.chunk"}
+    assert all(chunk.model == "teacher@0.1" for chunk in chunks)
+    *choice_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+    assert all(len(chunk.choices) == 1 and chunk.usage is None for chunk in choice_chunks)
+    assert {chunk.choices[0].index for chunk in choice_chunks} == {0, 1}
+    for choice in whole.choices:
+        stream = streamed(choice_chunks, choice.index)
+        assert stream["first_role"] == "assistant"
+        assert stream["text"] == choice.message.content
+        assert stream["token_ids"] == choice.token_ids
+        assert stream["logprobs"] == choice.logprobs.content
+        assert stream["finish_reasons"] == [choice.finish_reason] == [stream["last_finish"]]
+        assert all(stream["deltas"]) and len(stream["deltas"]) > 1, "per-token deltas, not one block of text"
+    # The two samples advance together, as they would if they were generated live.
+    assert [chunk.choices[0].index for chunk in choice_chunks[:4]] == [0, 1, 0, 1]
+
+
+def test_stream_is_openai_server_sent_events_on_the_wire(service):
+    body = chat(model="student", max_tokens=5, stream=True)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", service[1] + "/chat/completions", json=body, headers=headers, timeout=60) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        raw = reply.read().decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(event.startswith("data: ") for event in events[:-1])
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("usage" not in chunk for chunk in chunks), "usage only when stream_options.include_usage"
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(set(chunk["choices"][0]["delta"]) == {"content"} for chunk in chunks[1:-1])
+
+
+def test_streamed_errors_are_ordinary_errors_not_streams(client):
+    with pytest.raises(openai.NotFoundError, match="valid model ids"):
+        client.chat.completions.create(model="teacher@0.5", messages=image_messages(), stream=True)
+    with pytest.raises(openai.BadRequestError, match="max_n"):
+        client.chat.completions.create(model="teacher@0", messages=image_messages(), n=20, stream=True)
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        client.chat.completions.create(
+            model="teacher@0", messages=image_messages(), stream_options={"include_usage": True}
+        )
+
+
+def test_stream_deltas_never_split_a_character(micro_model_dir):
+    from transformers import AutoTokenizer
+
+    from serve.api import AssistantMessage, ChatCompletionResponse, Choice, Usage, completion_chunks, text_offsets
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_model_dir)
+    text = "naïve 日本語 ✓ café, the red square."  # byte-level BPE: 2-3 tokens for each non-ASCII character
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids), "the test needs characters spelt by several tokens"
+    decode = lambda token_ids: tokenizer.decode(token_ids, skip_special_tokens=True)  # noqa: E731
+    assert decode(ids) == text
+    choice = Choice(index=0, message=AssistantMessage(content=text), finish_reason="stop", token_ids=ids)
+    usage = Usage(prompt_tokens=1, completion_tokens=len(ids), total_tokens=1 + len(ids))
+    response = ChatCompletionResponse(model="m", choices=[choice], usage=usage)
+    chunks = [chunk.choices[0] for chunk in completion_chunks(response, [text_offsets(decode, ids, text)])]
+    deltas = [c.delta.content for c in chunks[1:-1]]
+    assert "".join(deltas) == text and not any("\ufffd" in delta for delta in deltas)
+    assert "日" in deltas and "é" in deltas and " red" in deltas
+    assert [t for c in chunks for t in c.token_ids] == ids and chunks[-1].token_ids == [tokenizer.eos_token_id]
+
+
+# --------------------------------------------------------------------------- scoring
 
 
 def score(service, model: str, response_token_ids: list[int], top_k: int = 5) -> dict:
@@ -290,7 +383,19 @@ BAD_REQUESTS = {
     "prompt beyond context": ("/chat/completions", chat(messages=image_messages("red " * 600)), 400, "context"),
     "n beyond max_n": ("/chat/completions", chat(n=9), 400, "max_n"),
     "max_tokens beyond limit": ("/chat/completions", chat(max_tokens=65), 400, "max_tokens_limit"),
-    "streaming": ("/chat/completions", chat(stream=True), 400, "stream"),
+    "stream_options without stream": (
+        "/chat/completions", chat(stream_options={"include_usage": True}), 400, "stream=true"
+    ),
+    "stream_options unknown field": (
+        "/chat/completions", chat(stream=True, stream_options={"include_usage": True, "x": 1}), 400, "stream_options.x"
+    ),
+    "streamed unknown model": ("/chat/completions", chat(model="gpt-4", stream=True), 404, "teacher@0.2"),
+    "streamed undecodable image": (
+        "/chat/completions", chat(messages=image_messages(url=NOT_AN_IMAGE), stream=True), 400, "decoded"
+    ),
+    "streamed prompt beyond context": (
+        "/chat/completions", chat(messages=image_messages("red " * 600), stream=True), 400, "context"
+    ),
     "score both responses": (
         "/score",
         {"model": "teacher@0", "items": [{"messages": image_messages(), "response": "a", "response_token_ids": [1]}]},
@@ -307,10 +412,12 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_input_gets_an_openai_style_4xx(service, case):
+def test_bad_input_gets_an_openai_style_4xx(service, spec, case):
     path, body, status, fragment = BAD_REQUESTS[case]
     reply = post(service, path, body)
     assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == "application/json"  # also when a stream was asked for
+    check_against_spec(spec, "/v1" + path, reply)
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"]
@@ -323,9 +430,113 @@ def test_missing_or_wrong_token_is_401(service, token):
     assert httpx.get(service[1] + "/models", timeout=30).status_code == 401
 
 
-def test_unknown_routes_get_an_openai_style_404(service):
+def test_unknown_routes_get_an_openai_style_404_and_wrong_methods_a_405(service):
     reply = httpx.get(service[1] + "/completions", timeout=30)
     assert reply.status_code == 404 and "/v1/completions" in reply.json()["error"]["message"]
+    assert reply.json()["error"]["code"] == "not_found"
+    reply = httpx.get(service[1] + "/chat/completions", timeout=30)
+    assert reply.status_code == 405 and reply.headers["allow"] == "POST"
+    assert reply.json()["error"]["code"] == "method_not_allowed"
+
+
+# --------------------------------------------------------------------------- the OpenAPI spec
+
+
+@pytest.fixture(scope="module")
+def spec(service) -> dict:
+    reply = httpx.get(service[1].removesuffix("/v1") + "/openapi.json", timeout=30)
+    assert reply.status_code == 200
+    return reply.json()
+
+
+def documented(spec: dict, path: str) -> dict[int, dict]:
+    (operation,) = spec["paths"][path].values()
+    return {int(status): answer for status, answer in operation["responses"].items()}
+
+
+def check_against_spec(spec: dict, path: str, reply: httpx.Response) -> None:
+    """The route's spec lists the status, and the JSON body has the schema it gives for it."""
+    answer = documented(spec, path).get(reply.status_code)
+    assert answer is not None, f"{path} answered {reply.status_code}, which /openapi.json does not list: {reply.text}"
+    schema = answer["content"]["application/json"]["schema"]
+    jsonschema.validate(reply.json(), {**schema, "components": spec["components"]})
+
+
+@pytest.fixture(scope="module")
+def degraded_url(service):
+    """A second gateway whose models never answer: the only way to see /health's 503 without breaking the service."""
+    from ray import serve
+
+    from serve.app import Gateway
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Unresponsive:
+        async def health(self) -> dict:
+            raise RuntimeError("engine lost")
+
+    unresponsive = Unresponsive.bind()
+    handles = {"teacher": unresponsive, "student": unresponsive}
+    gateway = serve.deployment(Gateway).options(name="gateway", ray_actor_options={"num_cpus": 0})
+    serve.run(gateway.bind(service[0], handles, None), name="degraded", route_prefix="/degraded")
+    try:
+        yield service[1].removesuffix("/v1") + "/degraded"
+    finally:
+        serve.delete("degraded")
+
+
+def test_openapi_lists_the_error_answers_with_openai_bodies(spec):
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    expected = {"/v1/chat/completions": {200, 400, 401, 404, 503}, "/v1/score": {200, 400, 401, 404, 503},
+                "/v1/models": {200, 401}, "/health": {200, 503}}  # fmt: skip
+    for path, statuses in expected.items():
+        answers = documented(spec, path)
+        assert set(answers) == statuses, path
+        if path != "/health":  # whose 503 is its own `degraded` report
+            assert all(answers[status]["content"]["application/json"]["schema"] == error for status in statuses - {200})
+    assert set(spec["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+    assert "text/event-stream" in documented(spec, "/v1/chat/completions")[200]["content"]
+    for path, request in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/score", "ScoreRequest")):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{request}"} and request in spec["components"]["schemas"]
+    # A valid request validates against the documented request schema, an invalid one does not.
+    request_schema = {"$ref": "#/components/schemas/ChatCompletionRequest", "components": spec["components"]}
+    jsonschema.validate(chat(n=2, stream=True, stream_options={"include_usage": True}), request_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(chat(frequency_pen=1), request_schema)
+
+
+def test_every_documented_status_is_really_answered(service, spec, degraded_url):
+    score_body = {"model": "teacher@0", "items": [{"messages": image_messages(), "response_token_ids": [40, 41]}]}
+    busy_score = score_body | {"items": [{"messages": image_messages(), "response_token_ids": list(range(40, 48))}] * 4}
+    root = service[1].removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    answers = {
+        "/v1/chat/completions": [
+            post(service, "/chat/completions", chat()),
+            post(service, "/chat/completions", "{"),
+            post(service, "/chat/completions", chat(), token=None),
+            post(service, "/chat/completions", chat(model="teacher@0.5")),
+            *flood(service, "/chat/completions", [chat(model="student", n=2, max_tokens=16)] * 128),
+        ],
+        "/v1/score": [
+            post(service, "/score", score_body),
+            post(service, "/score", score_body | {"top_k": 0}),
+            post(service, "/score", score_body, token="wrong"),
+            post(service, "/score", score_body | {"model": "teacher"}),
+            *flood(service, "/score", [busy_score] * 128),
+        ],
+        "/v1/models": [
+            httpx.get(service[1] + "/models", headers=headers, timeout=30),
+            httpx.get(service[1] + "/models", timeout=30),
+        ],
+        "/health": [httpx.get(root + "/health", timeout=30), httpx.get(degraded_url + "/health", timeout=30)],
+    }
+    for path, replies in answers.items():
+        for reply in replies:
+            check_against_spec(spec, path, reply)
+        assert {reply.status_code for reply in replies} == set(documented(spec, path)), path
+    degraded = answers["/health"][-1].json()
+    assert degraded["status"] == "degraded" and "engine lost" in degraded["models"]["teacher"]["error"]
 
 
 def test_the_openai_client_sees_4xx_as_its_own_errors(client):
@@ -347,19 +558,34 @@ def test_32_concurrent_clients_are_all_answered(service):
         assert list(pool.map(ask, range(32))) == [1] * 32
 
 
-def test_overload_answers_503_and_the_service_recovers(service, client):
-    async def flood() -> list[httpx.Response]:
+def flood(service, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    """All `bodies` posted at once, far more than a model's queue takes."""
+
+    async def send() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=200)
         headers = {"Authorization": f"Bearer {API_KEY}"}
         async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as http:
-            body = chat(model="student", n=4, max_tokens=48)
-            return await asyncio.gather(*(http.post(service[1] + "/chat/completions", json=body) for _ in range(128)))
+            return await asyncio.gather(*(http.post(service[1] + path, json=body) for body in bodies))
 
-    replies = asyncio.run(flood())
+    return asyncio.run(send())
+
+
+def test_overload_answers_503_and_the_service_recovers(service, client, spec):
+    bodies = [chat(model="student", n=4, max_tokens=48, stream=i % 2 == 1) for i in range(128)]
+    replies = flood(service, "/chat/completions", bodies)
+    for reply in replies:
+        if reply.headers["content-type"] == "application/json":
+            check_against_spec(spec, "/v1/chat/completions", reply)
     statuses = [reply.status_code for reply in replies]
     assert set(statuses) <= {200, 503}, statuses
     assert 503 in statuses and 200 in statuses
     rejected = next(reply for reply in replies if reply.status_code == 503)
     assert rejected.json()["error"]["code"] == "overloaded"
+    # A streamed request turned away is the same JSON 503, not a 200 stream that breaks off.
+    streamed_replies = replies[1::2]
+    assert any(reply.status_code == 503 for reply in streamed_replies), [reply.status_code for reply in streamed_replies]
+    for reply in streamed_replies:
+        kind = "application/json" if reply.status_code == 503 else "text/event-stream"
+        assert reply.headers["content-type"].startswith(kind)
     response = client.chat.completions.create(model="student", messages=image_messages(), max_tokens=2)
     assert len(response.choices) == 1
