@@ -1,12 +1,17 @@
 """The Masters loss: top-k JSD against direct computations, the policy term's gradient, the batch layout,
-and the chunked loss against the unchunked one (values and gradients, every objective)."""
+and the chunked loss against the unchunked one (values and gradients, every objective and family)."""
 
 import math
 
 import pytest
 import torch
 
+from family_models import build_tiny_vlm
+from test_batching import synthetic_records
+
+from masters.batching import collate_records
 from masters.config import LossConfig, RewardConfig
+from masters.families import VLMFamily
 from masters.losses import (
     MastersBatch,
     chunked_masters_loss,
@@ -17,7 +22,10 @@ from masters.losses import (
     token_logprobs,
     topk_jsd,
 )
+from masters.models import load_model
 from masters.rewards import grpo_advantages, reverse_min_max
+from masters.student_step import needs_reference, student_loss
+from masters.tiny_vlms import ARCHITECTURES
 
 
 def full_jsd(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -484,3 +492,89 @@ def test_chunked_loss_rejects_bad_inputs():
     with pytest.raises(ValueError, match="teacher_topk_ids holds ids outside 0..10"):
         chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11)
 
+
+# --------------------------------------------------------------------------- chunked loss on VLMs
+
+
+def student_and_reference(model_dir, seed: int = 0):
+    """The student in train mode, and a frozen reference that is the student slightly perturbed (KL > 0)."""
+    student, processor = load_model(model_dir)
+    student.train()
+    reference = load_model(model_dir)[0].requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return student, reference, processor
+
+
+def student_loss_and_grads(student, reference, batch, config, vocab, chunk_tokens):
+    student.zero_grad(set_to_none=True)
+    out = student_loss(student, reference if needs_reference(config) else None, batch, config, RewardConfig(), vocab,
+                       chunk_tokens=chunk_tokens)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+
+
+def assert_same_student_loss(student, reference, batch, config, vocab, chunk_tokens) -> None:
+    whole, whole_grads = student_loss_and_grads(student, reference, batch, config, vocab, None)
+    chunked, chunked_grads = student_loss_and_grads(student, reference, batch, config, vocab, chunk_tokens)
+    assert_same_output(chunked, whole, atol=1e-6, rtol=1e-5)
+    assert chunked_grads.keys() == whole_grads.keys() and len(whole_grads) > 10
+    for name, expected in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], expected, atol=1e-6, rtol=1e-4, msg=name)
+    if needs_reference(config):
+        assert float(whole.kl) > 0
+
+
+@pytest.fixture(scope="module")
+def micro_case(micro_model_dir):
+    student, reference, processor = student_and_reference(micro_model_dir)
+    records = synthetic_records(processor, num_questions=3, group_size=4, topk=8, seed=3, max_response_tokens=9)
+    return student, reference, collate_records(records, VLMFamily(student, processor)), len(processor.tokenizer)
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_chunked_student_loss_equals_the_unchunked_one(micro_case, objective, chunks):
+    """Value, every logged term and the gradient of every student parameter, reference included."""
+    student, reference, batch, vocab = micro_case
+    config, _ = OBJECTIVES[objective]
+    assert_same_student_loss(student, reference, batch, config, vocab, chunk_size(chunks, batch.num_response_tokens))
+
+
+def test_chunked_student_loss_through_a_wrapper_and_the_head_calls(micro_case):
+    """Through a DDP-like wrapper (forward delegated to `.module`): the model's own forward runs with its LM
+    head on no position; then the head runs per chunk, and again per chunk in backward."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **inputs):
+            return self.module(**inputs)
+
+    student, reference, batch, vocab = micro_case
+    rows = []
+    handle = student.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape[:-1])))
+    try:
+        out = student_loss(Wrapper(student), reference, batch, LossConfig(), RewardConfig(), vocab, chunk_tokens=16)
+        tokens = batch.num_response_tokens
+        per_chunk = [(16,)] * (tokens // 16) + ([(tokens % 16,)] if tokens % 16 else [])
+        assert rows == [(batch.inputs["input_ids"].shape[0], 0), *per_chunk]
+        out.loss.backward()
+        assert sorted(rows[1 + len(per_chunk) :]) == sorted(per_chunk)
+    finally:
+        handle.remove()
+    whole = student_loss(student, reference, batch, LossConfig(), RewardConfig(), vocab, chunk_tokens=None)
+    assert_same_output(out, whole)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_chunked_student_loss_on_every_family(architecture, tmp_path):
+    tiny = build_tiny_vlm(architecture, tmp_path / "model")
+    student, reference, processor = student_and_reference(tiny.model_dir)
+    records = synthetic_records(processor, num_questions=2, group_size=3, topk=8, seed=4)
+    batch = collate_records(records, VLMFamily(student, processor))
+    assert_same_student_loss(student, reference, batch, LossConfig(), len(processor.tokenizer), 5)
