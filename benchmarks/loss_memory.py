@@ -138,7 +138,9 @@ def _probe(tokens: int, chunk_tokens: int | None | str, vocab: int, queue) -> No
     queue.put((_status_mb("VmHWM") - floor, seconds, floor))
 
 
-def measure(tokens: int, chunk_tokens: int | None | str, vocab: int, mmap_threshold: int | None) -> tuple[float, float, float]:
+def measure(
+    tokens: int, chunk_tokens: int | None | str, vocab: int, mmap_threshold: int | None
+) -> tuple[float, float, float]:
     """One cell in a fresh process; `mmap_threshold` set = glibc's MALLOC_MMAP_THRESHOLD_ in that process."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
