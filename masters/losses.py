@@ -21,15 +21,23 @@ field                       shape, dtype  meaning
 Values at masked positions are never read (padding such as -100 is fine). ``full`` also takes
 ``ref_logprobs`` [B, T]: the frozen reference's :func:`token_logprobs` of ``target_ids``, computed
 under ``torch.no_grad``. ``vocab_size`` (the shared tokenizer's size) truncates padded logit rows.
+
+Two entry points compute the same loss: :func:`masters_loss` takes the student's logits [B, T, V];
+:func:`chunked_masters_loss` takes the final hidden states [B, T, H] and the LM head, and runs head,
+log-softmax and the per-token terms over at most ``chunk_tokens`` response tokens at a time (each chunk
+recomputed in backward), so no [tokens, vocab] tensor of the whole batch ever exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from masters.config import LossConfig, RewardConfig
 from masters.rewards import distill_reward, grpo_advantages, total_reward
@@ -137,6 +145,11 @@ def topk_jsd(
     logits = _truncate_vocab(student_logits, vocab_size).float() / temperature
     _check_ids(teacher_topk_ids, logits.shape[-1], "teacher_topk_ids")
     student_top = logits.gather(-1, teacher_topk_ids) - logits.logsumexp(-1, keepdim=True)
+    return _collapsed_jsd(student_top, teacher_topk_logprobs)
+
+
+def _collapsed_jsd(student_top: torch.Tensor, teacher_topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """The JSD of :func:`topk_jsd` from both sides' log-probs [..., k] of the teacher's top-k ids."""
     student_top = student_top.clamp_min(_LOG_PROB_FLOOR)
     teacher_top = teacher_topk_logprobs.float().clamp_min(_LOG_PROB_FLOOR)
 
@@ -197,12 +210,8 @@ def _group_slots(group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return group, slot, counts.numel(), int(counts.max())
 
 
-def _check_shapes(
-    student_logits: torch.Tensor, batch: MastersBatch, ref_logprobs: torch.Tensor | None
-) -> None:
-    if student_logits.dim() != 3:
-        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
-    rows = tuple(student_logits.shape[:2])
+def _check_shapes(rows: tuple[int, ...], batch: MastersBatch, ref_logprobs: torch.Tensor | None, source: str) -> None:
+    """`rows` = [B, T], the first two dims of `source` (the student's logits or hidden states)."""
     expected = {
         "target_ids": (batch.target_ids, rows),
         "response_mask": (batch.response_mask, rows),
@@ -213,7 +222,7 @@ def _check_shapes(
     }
     if batch.teacher_topk_ids.dim() != 3 or tuple(batch.teacher_topk_ids.shape[:2]) != rows:
         raise ValueError(
-            f"teacher_topk_ids must be [B, T, k] with [B, T] = {list(rows)} (the logits' first two dims), "
+            f"teacher_topk_ids must be [B, T, k] with [B, T] = {list(rows)} (the {source}' first two dims), "
             f"got shape {tuple(batch.teacher_topk_ids.shape)}"
         )
     for name, (tensor, shape) in expected.items():
@@ -224,6 +233,19 @@ def _check_shapes(
         raise ValueError(
             f"response_mask rows {empty} have no response tokens: every response needs at least one "
             "(include its EOS token)"
+        )
+
+
+def _check_objective_inputs(batch: MastersBatch, config: LossConfig, ref_logprobs: torch.Tensor | None) -> None:
+    if config.objective != "full":
+        return
+    for name in ("group_index", "accuracy_reward"):
+        if getattr(batch, name) is None:
+            raise ValueError(f"loss.objective 'full' needs batch.{name}; set it (see masters.losses for the layout)")
+    if ref_logprobs is None and config.kl_beta > 0:
+        raise ValueError(
+            "loss.objective 'full' with loss.kl_beta > 0 needs ref_logprobs from the frozen reference "
+            "(masters.losses.token_logprobs under torch.no_grad), or set loss.kl_beta=0"
         )
 
 
@@ -240,8 +262,14 @@ def masters_loss(
     * ``naive`` / ``mask_progressive``: ``jsd_weight · L_JSD`` (no rewards, no reference).
     * ``full``: ``grpo_weight · L_GRPO + jsd_weight · L_JSD`` with R = R_acc + R_distill, where
       R_distill comes from the same forward pass, detached, normalised within each group.
+
+    Holds the whole [B, T, V] logits (and float32 temporaries of that size); :func:`chunked_masters_loss`
+    computes the same loss without them.
     """
-    _check_shapes(student_logits, batch, ref_logprobs)
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    _check_shapes(tuple(student_logits.shape[:2]), batch, ref_logprobs, "logits")
+    _check_objective_inputs(batch, config, ref_logprobs)
     mask = batch.response_mask.bool()
     # Ignored positions get id 0 and a finite log-prob so garbage there cannot produce NaN.
     teacher_ids = torch.where(mask.unsqueeze(-1), batch.teacher_topk_ids, 0)
@@ -249,19 +277,28 @@ def masters_loss(
     token_jsd = torch.where(
         mask, topk_jsd(student_logits, teacher_ids, teacher_logprobs, config.temperature, vocab_size), 0.0
     )
+    logprobs = None
+    if config.objective == "full":
+        logprobs = token_logprobs(student_logits, batch.target_ids, mask, vocab_size)
+    return _loss_from_token_terms(token_jsd, logprobs, batch, config, reward_config, ref_logprobs)
+
+
+def _loss_from_token_terms(
+    token_jsd: torch.Tensor,
+    logprobs: torch.Tensor | None,
+    batch: MastersBatch,
+    config: LossConfig,
+    reward_config: RewardConfig,
+    ref_logprobs: torch.Tensor | None,
+) -> MastersLossOutput:
+    """The group-level part of the loss from the per-position JSD and (``full``) student log-probs [B, T],
+    both 0 outside the response mask."""
+    mask = batch.response_mask.bool()
     jsd_loss = token_jsd.sum() / mask.sum()
     divergence = response_divergence(token_jsd.detach(), mask)
     if config.objective != "full":
         return MastersLossOutput(loss=config.jsd_weight * jsd_loss, jsd=jsd_loss.detach(), divergence=divergence)
 
-    for name in ("group_index", "accuracy_reward"):
-        if getattr(batch, name) is None:
-            raise ValueError(f"loss.objective 'full' needs batch.{name}; set it (see masters.losses for the layout)")
-    if ref_logprobs is None and config.kl_beta > 0:
-        raise ValueError(
-            "loss.objective 'full' with loss.kl_beta > 0 needs ref_logprobs from the frozen reference "
-            "(masters.losses.token_logprobs under torch.no_grad), or set loss.kl_beta=0"
-        )
     group, slot, num_groups, group_size = _group_slots(batch.group_index)
 
     def grouped(values: torch.Tensor) -> torch.Tensor:
@@ -278,7 +315,6 @@ def masters_loss(
     if reward_config.use_distill:
         distill = distill_reward(grouped_divergence, reward_config.normalize_distill, group_mask)[group, slot]
 
-    logprobs = token_logprobs(student_logits, batch.target_ids, mask, vocab_size)
     grpo_loss, mean_kl = policy_loss(logprobs, advantages, mask, ref_logprobs, config.kl_beta)
     return MastersLossOutput(
         loss=config.grpo_weight * grpo_loss + config.jsd_weight * jsd_loss,
@@ -291,3 +327,143 @@ def masters_loss(
         reward=reward[group, slot],
         advantages=advantages,
     )
+
+
+# --------------------------------------------------------------------------- chunked over tokens
+
+# Response tokens per chunk: the LM head, the log-softmax and the per-token terms run on at most this
+# many tokens at a time, so the loss's vocabulary-sized memory is a few [chunk_tokens, V] float32
+# tensors (with a 151k vocabulary, 1024 tokens are 0.6 GB each) whatever the batch's token count.
+DEFAULT_CHUNK_TOKENS = 1024
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, *, head: Head, vocab_size: int | None
+) -> torch.Tensor:
+    """log π(target) [C] of C tokens' hidden states [C, H] (temperature 1, vocabulary truncated)."""
+    logits = _truncate_vocab(head(hidden), vocab_size).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _chunk_terms(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    head: Head,
+    vocab_size: int | None,
+    temperature: float,
+    with_logprobs: bool,
+) -> torch.Tensor:
+    """[JSD, log π(target)] per token [2, C] (or [1, C], JSD only) of C tokens' hidden states [C, H]:
+    the arithmetic of :func:`topk_jsd` and :func:`token_logprobs` on one chunk's logits."""
+    logits = _truncate_vocab(head(hidden), vocab_size).float()
+    log_norm = logits.logsumexp(-1, keepdim=True) if with_logprobs or temperature == 1.0 else None
+    if temperature == 1.0:  # x / 1 == x exactly: skip the [C, V] copy and share the logsumexp
+        student_top = logits.gather(-1, teacher_ids) - log_norm
+    else:
+        scaled = logits / temperature
+        student_top = scaled.gather(-1, teacher_ids) - scaled.logsumexp(-1, keepdim=True)
+    terms = [_collapsed_jsd(student_top, teacher_logprobs)]
+    if with_logprobs:
+        terms.append((logits.gather(-1, targets.unsqueeze(-1)) - log_norm).squeeze(-1))
+    return torch.stack(terms)
+
+
+def _over_chunks(function: Callable[..., torch.Tensor], chunk_tokens: int, *per_token: torch.Tensor) -> torch.Tensor:
+    """`function` of each run of `chunk_tokens` rows of the `per_token` tensors, outputs concatenated on
+    the last dim. With grad enabled each chunk is checkpointed: backward recomputes its logits instead
+    of keeping them, so only one chunk's vocabulary-sized tensors are alive at a time."""
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer (response tokens per chunk), got {chunk_tokens!r}")
+    outputs = []
+    for start in range(0, per_token[0].shape[0], chunk_tokens):
+        chunk = [tensor[start : start + chunk_tokens] for tensor in per_token]
+        if torch.is_grad_enabled():
+            # Non-reentrant: one backward through the original graph, so each parameter's gradient is
+            # accumulated once (what DDP's reducer expects), and autocast state is replayed.
+            outputs.append(checkpoint(function, *chunk, use_reentrant=False))
+        else:
+            outputs.append(function(*chunk))
+    return torch.cat(outputs, dim=-1)
+
+
+def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N] values of the mask's True positions → [B, T], 0 elsewhere (differentiable)."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
+def _head_width(head: Head, vocab_size: int | None) -> int | None:
+    """The vocabulary the ids must fall in, when it is known without running the head."""
+    if vocab_size is not None:
+        return vocab_size
+    width = getattr(head, "out_features", None)
+    return width if isinstance(width, int) else None
+
+
+def chunked_token_logprobs(
+    hidden_states: torch.Tensor,
+    head: Head,
+    target_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """:func:`token_logprobs` of ``head(hidden_states)`` [B, T], the head run on ``chunk_tokens``
+    response tokens at a time (prompt and padding positions are skipped, and get 0)."""
+    if hidden_states.dim() != 3 or tuple(target_ids.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(
+            f"hidden_states must be [B, T, H] and target_ids [B, T], got {tuple(hidden_states.shape)} "
+            f"and {tuple(target_ids.shape)}"
+        )
+    mask = response_mask.bool()
+    targets = target_ids[mask]
+    if (width := _head_width(head, vocab_size)) is not None:
+        _check_ids(targets, width, "target_ids")
+    function = functools.partial(_chunk_logprobs, head=head, vocab_size=vocab_size)
+    return _unflatten(_over_chunks(function, chunk_tokens, hidden_states[mask], targets), mask)
+
+
+def chunked_masters_loss(
+    hidden_states: torch.Tensor,
+    head: Head,
+    batch: MastersBatch,
+    config: LossConfig,
+    reward_config: RewardConfig,
+    ref_logprobs: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> MastersLossOutput:
+    """:func:`masters_loss` of ``student_logits = head(hidden_states)``, without ever holding them whole.
+
+    ``hidden_states`` [B, T, H] are the student's final hidden states whose position t predicts
+    ``batch.target_ids[:, t]``; ``head`` maps [C, H] to logits [C, V] (the model's LM head). The
+    response tokens of the batch (prompt and padding skipped) are cut into chunks of ``chunk_tokens``;
+    each chunk runs head → log-softmax → JSD and log π(target) and keeps only those per-token values
+    (backward recomputes the chunk, :func:`torch.utils.checkpoint.checkpoint`). The group-level terms
+    (D_j, rewards, advantages, GRPO, KL) then run on the [B, T] values exactly as in :func:`masters_loss`.
+    Equal to it up to float32 rounding, for any chunk size.
+    """
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be [B, T, H], got shape {tuple(hidden_states.shape)}")
+    _check_shapes(tuple(hidden_states.shape[:2]), batch, ref_logprobs, "hidden states")
+    _check_objective_inputs(batch, config, ref_logprobs)
+    mask = batch.response_mask.bool()
+    with_logprobs = config.objective == "full"
+    targets, teacher_ids = batch.target_ids[mask], batch.teacher_topk_ids[mask]
+    if (width := _head_width(head, vocab_size)) is not None:
+        _check_ids(teacher_ids, width, "teacher_topk_ids")
+        if with_logprobs:
+            _check_ids(targets, width, "target_ids")
+    function = functools.partial(
+        _chunk_terms, head=head, vocab_size=vocab_size, temperature=config.temperature, with_logprobs=with_logprobs
+    )
+    terms = _over_chunks(
+        function, chunk_tokens, hidden_states[mask], targets, teacher_ids, batch.teacher_topk_logprobs[mask]
+    )
+    token_jsd = _unflatten(terms[0], mask)
+    logprobs = _unflatten(terms[1], mask) if with_logprobs else None
+    return _loss_from_token_terms(token_jsd, logprobs, batch, config, reward_config, ref_logprobs)

@@ -1,9 +1,12 @@
 """The student's loss on one micro-batch: the single code path of the Ray trainer and the plain baseline.
 
 Forward the student (and, for the ``full`` objective with β > 0, the frozen reference under no_grad)
-over prompt + response, keep only the logits that predict response tokens, and hand them to
-:func:`masters.losses.masters_loss`. No teacher weights are involved: the teacher's top-k log-probs
-come with the batch.
+over prompt + response, keep only the final hidden states of the positions that predict response
+tokens, and hand them with the model's LM head to :func:`masters.losses.chunked_masters_loss`, which
+runs head, log-softmax and the per-token terms a chunk of tokens at a time (``chunk_tokens``), so the
+[responses, tokens, vocab] logits never exist whole. ``chunk_tokens=None`` takes the unchunked path
+(:func:`response_logits` + :func:`masters.losses.masters_loss`); both give the same loss. No teacher
+weights are involved: the teacher's top-k log-probs come with the batch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,14 @@ import torch
 
 from masters.batching import ResponseBatch
 from masters.config import LossConfig, RewardConfig
-from masters.losses import MastersLossOutput, masters_loss, token_logprobs
+from masters.losses import (
+    DEFAULT_CHUNK_TOKENS,
+    MastersLossOutput,
+    chunked_masters_loss,
+    chunked_token_logprobs,
+    masters_loss,
+    token_logprobs,
+)
 
 
 def needs_reference(loss_config: LossConfig) -> bool:
@@ -30,6 +40,69 @@ def response_logits(model: torch.nn.Module, batch: ResponseBatch) -> torch.Tenso
     return output.logits[:, :-1]
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a DDP or DeepSpeed wrapper (FSDP2 does not wrap)."""
+    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def response_hidden_states(model: torch.nn.Module, batch: ResponseBatch) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The final hidden states [B, T, H] whose position t predicts response token t, and the LM head
+    that maps them to the logits of :func:`response_logits`.
+
+    The model's own forward runs, through any DDP / FSDP2 / DeepSpeed wrapper, with `logits_to_keep`
+    as in :func:`response_logits`. Two hooks on the LM head turn it into a pass-through for that call:
+    it runs on zero positions (no logits are computed) and hands back the hidden states it was given,
+    which come out as the output's ``logits``. The loss must read them from the forward's output, not
+    from a side channel: DDP with ``find_unused_parameters`` leaves parameters unreduced when the loss
+    bypasses the outputs (tests/test_train.py failed that way). The empty head output is kept in the
+    graph (times 0), so an untied head's weight counts as used in this forward, as DDP requires.
+
+    Assumes ``logits = lm_head(hidden_states[:, kept])`` with nothing after the head, true of every
+    supported family (Gemma 3's final soft-capping exists only in its text-only model, not the VLM);
+    tests/test_losses.py checks the chunked loss against the full logits on each.
+    """
+    inner = _unwrapped(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        raise ValueError(
+            f"{type(inner).__name__} has no LM head module (get_output_embeddings()); use chunk_tokens=None "
+            "(the unchunked loss on full logits)"
+        )
+    captured: list[torch.Tensor] = []
+
+    def run_on_no_position(module: torch.nn.Module, args: tuple) -> tuple | None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        captured.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    def hand_back_hidden_states(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not captured or not isinstance(output, torch.Tensor):
+            return None
+        return captured[-1] + 0.0 * output.sum()
+
+    pre = head.register_forward_pre_hook(run_on_no_position)
+    post = head.register_forward_hook(hand_back_hidden_states)
+    try:
+        output = model(**batch.inputs, logits_to_keep=batch.response_length + 1, use_cache=False)
+    finally:
+        pre.remove()
+        post.remove()
+    expected = (batch.inputs["input_ids"].shape[0], batch.response_length + 1)
+    hidden = output.logits
+    if len(captured) != 1 or captured[0].dim() != 3 or tuple(captured[0].shape[:2]) != expected or (
+        hidden.shape != captured[0].shape
+    ):
+        raise ValueError(
+            f"{type(inner).__name__}'s forward did not call its LM head once on the kept hidden states "
+            f"[{expected[0]}, {expected[1]}, H] and return its output as the logits (head inputs: "
+            f"{[tuple(t.shape) for t in captured]}, logits: {tuple(hidden.shape)}); use chunk_tokens=None"
+        )
+    return hidden[:, :-1], head
+
+
 def student_loss(
     student: torch.nn.Module,
     reference: torch.nn.Module | None,
@@ -37,22 +110,42 @@ def student_loss(
     loss_config: LossConfig,
     reward_config: RewardConfig,
     vocab_size: int,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> MastersLossOutput:
-    """The Masters loss of `batch` (`reference` is required exactly when :func:`needs_reference`)."""
+    """The Masters loss of `batch` (`reference` is required exactly when :func:`needs_reference`).
+
+    `chunk_tokens`: response tokens (over the whole micro-batch) whose logits exist at once, in the
+    student's loss and in the reference's log-probs; None materialises all [B, T, V] logits (the old
+    path, same loss). Memory of the loss's vocabulary-sized tensors scales with it, not with B × T.
+    """
     if needs_reference(loss_config) != (reference is not None):
         raise ValueError(
             "pass the frozen reference model exactly when loss.objective is 'full' and loss.kl_beta > 0 "
             f"(objective={loss_config.objective!r}, kl_beta={loss_config.kl_beta}, reference given: {reference is not None})"
         )
+    targets = batch.targets
+    if chunk_tokens is None:
+        ref_logprobs = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_logits = response_logits(reference, batch)
+                ref_logprobs = token_logprobs(ref_logits, targets.target_ids, targets.response_mask, vocab_size)
+            del ref_logits
+        logits = response_logits(student, batch)
+        return masters_loss(logits, targets, loss_config, reward_config, ref_logprobs, vocab_size)
+
     ref_logprobs = None
     if reference is not None:
         with torch.no_grad():
-            ref_logits = response_logits(reference, batch)
-            ref_logprobs = token_logprobs(
-                ref_logits, batch.targets.target_ids, batch.targets.response_mask, vocab_size
+            hidden, head = response_hidden_states(reference, batch)
+            ref_logprobs = chunked_token_logprobs(
+                hidden, head, targets.target_ids, targets.response_mask, vocab_size, chunk_tokens
             )
-    logits = response_logits(student, batch)
-    return masters_loss(logits, batch.targets, loss_config, reward_config, ref_logprobs, vocab_size)
+        del hidden
+    hidden, head = response_hidden_states(student, batch)
+    return chunked_masters_loss(
+        hidden, head, targets, loss_config, reward_config, ref_logprobs, vocab_size, chunk_tokens
+    )
 
 
 def step_metrics(output: MastersLossOutput, batch: ResponseBatch) -> dict[str, float]:

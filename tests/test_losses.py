@@ -1,20 +1,31 @@
-"""The Masters loss: top-k JSD against direct computations, the policy term's gradient, the batch layout."""
+"""The Masters loss: top-k JSD against direct computations, the policy term's gradient, the batch layout,
+and the chunked loss against the unchunked one (values and gradients, every objective and family)."""
 
 import math
 
 import pytest
 import torch
 
+from family_models import build_tiny_vlm
+from test_batching import synthetic_records
+
+from masters.batching import collate_records
 from masters.config import LossConfig, RewardConfig
+from masters.families import VLMFamily
 from masters.losses import (
     MastersBatch,
+    chunked_masters_loss,
+    chunked_token_logprobs,
     masters_loss,
     policy_loss,
     response_divergence,
     token_logprobs,
     topk_jsd,
 )
+from masters.models import load_model
 from masters.rewards import grpo_advantages, reverse_min_max
+from masters.student_step import needs_reference, student_loss
+from masters.tiny_vlms import ARCHITECTURES
 
 
 def full_jsd(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -351,3 +362,219 @@ def test_training_a_tiny_student():
     gain = (logprobs_after - ref).mean(-1)
     assert gain[0] > 0 and gain[0] > gain[1:].max()
     assert float(outputs[-1].kl) > 0  # it moved away from the reference, and the KL saw it
+
+
+# --------------------------------------------------------------------------- chunked over tokens
+
+# name → (config, whether the frozen reference's log-probs are passed)
+OBJECTIVES = {
+    "naive": (LossConfig(objective="naive", jsd_weight=0.5), False),
+    "mask_progressive": (LossConfig(objective="mask_progressive"), False),
+    "full": (LossConfig(), True),
+    "full_without_reference": (LossConfig(kl_beta=0.0), False),
+    "full_at_temperature": (LossConfig(temperature=1.7), True),  # JSD and GRPO read different log-softmaxes
+}
+CHUNKS = ("one token", "ragged", "all tokens")
+OUTPUT_FIELDS = ("loss", "jsd", "divergence", "grpo", "kl", "accuracy_reward", "distill_reward", "reward", "advantages")
+
+
+def chunk_size(name: str, tokens: int) -> int:
+    """1, a size that does not divide the response token count, or more than all of them."""
+    if name == "one token":
+        return 1
+    if name == "all tokens":
+        return tokens + 7
+    return next(size for size in range(3, tokens) if tokens % size)
+
+
+def assert_same_output(chunked, whole, atol=1e-6, rtol=1e-5) -> None:
+    for name in OUTPUT_FIELDS:
+        obtained, expected = getattr(chunked, name), getattr(whole, name)
+        assert (obtained is None) == (expected is None), name
+        if expected is not None:
+            torch.testing.assert_close(obtained.detach(), expected.detach(), atol=atol, rtol=rtol, msg=name)
+
+
+def linear_head_case(seed: int):
+    """A random batch (vocabulary 11), hidden states [B, T, 8] and a linear head with two padded rows."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, _ = random_batch(generator, groups=(4, 1, 3), length=7, vocab=11, k=4)
+    head = torch.nn.Linear(8, 13)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(13, 8, generator=generator))
+        head.bias.copy_(torch.randn(13, generator=generator))
+    hidden = torch.randn(8, 7, 8, generator=generator)
+    with torch.no_grad():
+        ref_logits = head(hidden + 0.3 * torch.randn(hidden.shape, generator=generator))
+    ref = token_logprobs(ref_logits, batch.target_ids, batch.response_mask, vocab_size=11)
+    return batch, head, hidden, ref
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_chunked_loss_equals_the_unchunked_loss(objective, chunks):
+    config, with_reference = OBJECTIVES[objective]
+    batch, head, hidden, ref = linear_head_case(14)
+    ref = ref if with_reference else None
+    tokens = int(batch.response_mask.sum())
+
+    def loss_and_grads(chunk_tokens):
+        head.zero_grad(set_to_none=True)
+        states = hidden.clone().requires_grad_(True)
+        if chunk_tokens is None:
+            out = masters_loss(head(states), batch, config, RewardConfig(), ref, vocab_size=11)
+        else:
+            out = chunked_masters_loss(states, head, batch, config, RewardConfig(), ref, 11, chunk_tokens)
+        out.loss.backward()
+        return out, (states.grad, head.weight.grad, head.bias.grad)
+
+    whole, whole_grads = loss_and_grads(None)
+    chunked, chunked_grads = loss_and_grads(chunk_size(chunks, tokens))
+    assert_same_output(chunked, whole)
+    for name, obtained, expected in zip(("hidden states", "weight", "bias"), chunked_grads, whole_grads):
+        torch.testing.assert_close(obtained, expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert whole_grads[1].abs().sum() > 0 and float(whole.loss.detach()) != 0.0  # not vacuous
+    assert torch.equal(chunked_grads[1][11:], torch.zeros(2, 8))  # padded vocabulary rows get no gradient
+
+
+def test_chunked_token_logprobs_equal_token_logprobs():
+    batch, head, hidden, _ = linear_head_case(15)
+    mask = batch.response_mask
+    expected = token_logprobs(head(hidden), batch.target_ids, mask, vocab_size=11)
+    for chunk_tokens in (1, 4, 1000):
+        got = chunked_token_logprobs(hidden, head, batch.target_ids, mask, vocab_size=11, chunk_tokens=chunk_tokens)
+        torch.testing.assert_close(got, expected)
+        assert torch.equal(got[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_chunked_loss_runs_the_head_on_one_chunk_at_a_time_and_recomputes_it_in_backward():
+    batch, head, hidden, ref = linear_head_case(16)
+    rows = []
+    head.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    tokens = int(batch.response_mask.sum())
+    out = chunked_masters_loss(hidden.requires_grad_(True), head, batch, LossConfig(), RewardConfig(), ref, 11, 4)
+    per_chunk = [4] * (tokens // 4) + ([tokens % 4] if tokens % 4 else [])
+    assert rows == per_chunk  # only response tokens, never more than a chunk
+    out.loss.backward()
+    # each chunk's logits were dropped in forward and recomputed in backward (in backward's order)
+    assert sorted(rows[len(per_chunk) :]) == sorted(per_chunk)
+
+
+def test_chunked_loss_ignores_padding_garbage():
+    batch, head, hidden, ref = linear_head_case(17)
+    config = LossConfig()
+    clean = chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11, 3)
+    outside = ~batch.response_mask
+    hidden[outside] = math.nan  # the hidden states of prompt and padding positions are never read
+    batch.target_ids[outside] = -100
+    batch.teacher_topk_ids[outside] = -1
+    batch.teacher_topk_logprobs[outside] = math.nan
+    ref[outside] = math.nan
+    states = hidden.requires_grad_(True)
+    dirty = chunked_masters_loss(states, head, batch, config, RewardConfig(), ref, 11, 3)
+    dirty.loss.backward()
+    assert_same_output(dirty, clean, atol=0, rtol=0)
+    assert torch.isfinite(head.weight.grad).all() and torch.equal(states.grad[outside], torch.zeros_like(states.grad[outside]))
+
+
+def test_chunked_loss_rejects_bad_inputs():
+    batch, head, hidden, ref = linear_head_case(18)
+    config = LossConfig()
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive integer"):
+        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11, 0)
+    with pytest.raises(ValueError, match=r"hidden_states must be \[B, T, H\]"):
+        chunked_masters_loss(hidden[0], head, batch, config, RewardConfig(), ref, 11)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), None, 11)
+    with pytest.raises(ValueError, match="vocab_size"):
+        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 14)
+    batch.teacher_topk_ids[batch.response_mask.nonzero()[0].tolist()] = 11
+    with pytest.raises(ValueError, match="teacher_topk_ids holds ids outside 0..10"):
+        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11)
+
+
+# --------------------------------------------------------------------------- chunked loss on VLMs
+
+
+def student_and_reference(model_dir, seed: int = 0):
+    """The student in train mode, and a frozen reference that is the student slightly perturbed (KL > 0)."""
+    student, processor = load_model(model_dir)
+    student.train()
+    reference = load_model(model_dir)[0].requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return student, reference, processor
+
+
+def student_loss_and_grads(student, reference, batch, config, vocab, chunk_tokens):
+    student.zero_grad(set_to_none=True)
+    out = student_loss(student, reference if needs_reference(config) else None, batch, config, RewardConfig(), vocab,
+                       chunk_tokens=chunk_tokens)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+
+
+def assert_same_student_loss(student, reference, batch, config, vocab, chunk_tokens) -> None:
+    whole, whole_grads = student_loss_and_grads(student, reference, batch, config, vocab, None)
+    chunked, chunked_grads = student_loss_and_grads(student, reference, batch, config, vocab, chunk_tokens)
+    assert_same_output(chunked, whole, atol=1e-6, rtol=1e-5)
+    assert chunked_grads.keys() == whole_grads.keys() and len(whole_grads) > 10
+    for name, expected in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], expected, atol=1e-6, rtol=1e-4, msg=name)
+    if needs_reference(config):
+        assert float(whole.kl) > 0
+
+
+@pytest.fixture(scope="module")
+def micro_case(micro_model_dir):
+    student, reference, processor = student_and_reference(micro_model_dir)
+    records = synthetic_records(processor, num_questions=3, group_size=4, topk=8, seed=3, max_response_tokens=9)
+    return student, reference, collate_records(records, VLMFamily(student, processor)), len(processor.tokenizer)
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_chunked_student_loss_equals_the_unchunked_one(micro_case, objective, chunks):
+    """Value, every logged term and the gradient of every student parameter, reference included."""
+    student, reference, batch, vocab = micro_case
+    config, _ = OBJECTIVES[objective]
+    assert_same_student_loss(student, reference, batch, config, vocab, chunk_size(chunks, batch.num_response_tokens))
+
+
+def test_chunked_student_loss_through_a_wrapper_and_the_head_calls(micro_case):
+    """Through a DDP-like wrapper (forward delegated to `.module`): the model's own forward runs with its LM
+    head on no position; then the head runs per chunk, and again per chunk in backward."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **inputs):
+            return self.module(**inputs)
+
+    student, reference, batch, vocab = micro_case
+    rows = []
+    handle = student.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape[:-1])))
+    try:
+        out = student_loss(Wrapper(student), reference, batch, LossConfig(), RewardConfig(), vocab, chunk_tokens=16)
+        tokens = batch.num_response_tokens
+        per_chunk = [(16,)] * (tokens // 16) + ([(tokens % 16,)] if tokens % 16 else [])
+        assert rows == [(batch.inputs["input_ids"].shape[0], 0), *per_chunk]
+        out.loss.backward()
+        assert sorted(rows[1 + len(per_chunk) :]) == sorted(per_chunk)
+    finally:
+        handle.remove()
+    whole = student_loss(student, reference, batch, LossConfig(), RewardConfig(), vocab, chunk_tokens=None)
+    assert_same_output(out, whole)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_chunked_student_loss_on_every_family(architecture, tmp_path):
+    tiny = build_tiny_vlm(architecture, tmp_path / "model")
+    student, reference, processor = student_and_reference(tiny.model_dir)
+    records = synthetic_records(processor, num_questions=2, group_size=3, topk=8, seed=4)
+    batch = collate_records(records, VLMFamily(student, processor))
+    assert_same_student_loss(student, reference, batch, LossConfig(), len(processor.tokenizer), 5)
