@@ -7,8 +7,8 @@ random weights) with its vocabulary padded to `--vocab` (32k: a tokenizer's wort
 its 2.16M parameters). One question with 8 responses of equal length per batch (`--tokens` response
 tokens in all), teacher top-64 per token, the default objective (`full`: JSD + GRPO with the k3 KL to a
 frozen reference, which is a copy of the student). Both sides run `masters.student_step.student_loss`:
-`chunk_tokens=None` (the reference's and the student's [8, T, V] logits, then `masters_loss`) and
-`chunk_tokens=C` (hidden states, then LM head + log-softmax + per-token terms C tokens at a time).
+`loss.chunk_tokens: null` (the reference's and the student's [8, T, V] logits, then `masters_loss`) and
+`loss.chunk_tokens: C` (hidden states, then LM head + log-softmax + per-token terms C tokens at a time).
 
 Each cell runs in a fresh process: build the models and the batch, run the same loss once on a
 16-token batch (lazy initialisation), drop the gradients, reset the peak (VmHWM, /proc/self/clear_refs),
@@ -125,7 +125,8 @@ def _probe(tokens: int, chunk_tokens: int | None | str, vocab: int, queue) -> No
             hidden, _ = response_hidden_states(student, batch)
             hidden.sum().backward()
         else:
-            student_loss(student, reference, batch, config, rewards, vocab, chunk_tokens=chunk_tokens).loss.backward()
+            chunked = config.model_copy(update={"chunk_tokens": chunk_tokens})
+            student_loss(student, reference, batch, chunked, rewards, vocab).loss.backward()
 
     step(synthetic_batch(processor, family, WARMUP_TOKENS, vocab, seed=1))
     student.zero_grad(set_to_none=True)

@@ -191,6 +191,15 @@ class LossConfig(_Section):
     kl_beta: float = Field(0.1, ge=0, description="β of the k3 KL to the frozen initial student (paper: 0.1).")
     advantage_eps: float = Field(1e-4, gt=0, description="ε in A = (R - mean) / (std + ε).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the JSD.")
+    chunk_tokens: int | None = Field(
+        1024,
+        ge=1,
+        description=(
+            "Response tokens of a micro-batch whose vocabulary-sized logits exist at once: the LM head, log-softmax "
+            "and per-token terms run a chunk at a time (recomputed in backward), so the loss's memory does not grow "
+            "with responses x tokens x vocabulary. None computes all logits at once (same loss; docs/objective.md)."
+        ),
+    )
 
 
 class TrainConfig(_Section):

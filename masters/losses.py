@@ -331,10 +331,9 @@ def _loss_from_token_terms(
 
 # --------------------------------------------------------------------------- chunked over tokens
 
-# Response tokens per chunk: the LM head, the log-softmax and the per-token terms run on at most this
-# many tokens at a time, so the loss's vocabulary-sized memory is a few [chunk_tokens, V] float32
+# The LM head, the log-softmax and the per-token terms run on at most `chunk_tokens` response tokens at a
+# time (`loss.chunk_tokens`), so the loss's vocabulary-sized memory is a few [chunk_tokens, V] float32
 # tensors (with a 151k vocabulary, 1024 tokens are 0.6 GB each) whatever the batch's token count.
-DEFAULT_CHUNK_TOKENS = 1024
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -410,7 +409,8 @@ def chunked_token_logprobs(
     target_ids: torch.Tensor,
     response_mask: torch.Tensor,
     vocab_size: int | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    *,
+    chunk_tokens: int,
 ) -> torch.Tensor:
     """:func:`token_logprobs` of ``head(hidden_states)`` [B, T], the head run on ``chunk_tokens``
     response tokens at a time (prompt and padding positions are skipped, and get 0)."""
@@ -435,7 +435,8 @@ def chunked_masters_loss(
     reward_config: RewardConfig,
     ref_logprobs: torch.Tensor | None = None,
     vocab_size: int | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    *,
+    chunk_tokens: int,
 ) -> MastersLossOutput:
     """:func:`masters_loss` of ``student_logits = head(hidden_states)``, without ever holding them whole.
 

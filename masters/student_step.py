@@ -3,8 +3,8 @@
 Forward the student (and, for the ``full`` objective with β > 0, the frozen reference under no_grad)
 over prompt + response, keep only the final hidden states of the positions that predict response
 tokens, and hand them with the model's LM head to :func:`masters.losses.chunked_masters_loss`, which
-runs head, log-softmax and the per-token terms a chunk of tokens at a time (``chunk_tokens``), so the
-[responses, tokens, vocab] logits never exist whole. ``chunk_tokens=None`` takes the unchunked path
+runs head, log-softmax and the per-token terms a chunk of tokens at a time (``loss.chunk_tokens``), so the
+[responses, tokens, vocab] logits never exist whole. ``chunk_tokens: null`` takes the unchunked path
 (:func:`response_logits` + :func:`masters.losses.masters_loss`); both give the same loss. No teacher
 weights are involved: the teacher's top-k log-probs come with the batch.
 """
@@ -16,7 +16,6 @@ import torch
 from masters.batching import ResponseBatch
 from masters.config import LossConfig, RewardConfig
 from masters.losses import (
-    DEFAULT_CHUNK_TOKENS,
     MastersLossOutput,
     chunked_masters_loss,
     chunked_token_logprobs,
@@ -67,7 +66,7 @@ def response_hidden_states(model: torch.nn.Module, batch: ResponseBatch) -> tupl
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Module):
         raise ValueError(
-            f"{type(inner).__name__} has no LM head module (get_output_embeddings()); use chunk_tokens=None "
+            f"{type(inner).__name__} has no LM head module (get_output_embeddings()); set loss.chunk_tokens to null "
             "(the unchunked loss on full logits)"
         )
     captured: list[torch.Tensor] = []
@@ -98,7 +97,7 @@ def response_hidden_states(model: torch.nn.Module, batch: ResponseBatch) -> tupl
         raise ValueError(
             f"{type(inner).__name__}'s forward did not call its LM head once on the kept hidden states "
             f"[{expected[0]}, {expected[1]}, H] and return its output as the logits (head inputs: "
-            f"{[tuple(t.shape) for t in captured]}, logits: {tuple(hidden.shape)}); use chunk_tokens=None"
+            f"{[tuple(t.shape) for t in captured]}, logits: {tuple(hidden.shape)}); set loss.chunk_tokens to null"
         )
     return hidden[:, :-1], head
 
@@ -110,20 +109,19 @@ def student_loss(
     loss_config: LossConfig,
     reward_config: RewardConfig,
     vocab_size: int,
-    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> MastersLossOutput:
     """The Masters loss of `batch` (`reference` is required exactly when :func:`needs_reference`).
 
-    `chunk_tokens`: response tokens (over the whole micro-batch) whose logits exist at once, in the
-    student's loss and in the reference's log-probs; None materialises all [B, T, V] logits (the old
-    path, same loss). Memory of the loss's vocabulary-sized tensors scales with it, not with B × T.
+    `loss_config.chunk_tokens`: response tokens (over the whole micro-batch) whose logits exist at once,
+    in the student's loss and in the reference's log-probs; None materialises all [B, T, V] logits (same
+    loss). Memory of the loss's vocabulary-sized tensors scales with it, not with B × T.
     """
     if needs_reference(loss_config) != (reference is not None):
         raise ValueError(
             "pass the frozen reference model exactly when loss.objective is 'full' and loss.kl_beta > 0 "
             f"(objective={loss_config.objective!r}, kl_beta={loss_config.kl_beta}, reference given: {reference is not None})"
         )
-    targets = batch.targets
+    targets, chunk_tokens = batch.targets, loss_config.chunk_tokens
     if chunk_tokens is None:
         ref_logprobs = None
         if reference is not None:
@@ -139,12 +137,12 @@ def student_loss(
         with torch.no_grad():
             hidden, head = response_hidden_states(reference, batch)
             ref_logprobs = chunked_token_logprobs(
-                hidden, head, targets.target_ids, targets.response_mask, vocab_size, chunk_tokens
+                hidden, head, targets.target_ids, targets.response_mask, vocab_size, chunk_tokens=chunk_tokens
             )
         del hidden
     hidden, head = response_hidden_states(student, batch)
     return chunked_masters_loss(
-        hidden, head, targets, loss_config, reward_config, ref_logprobs, vocab_size, chunk_tokens
+        hidden, head, targets, loss_config, reward_config, ref_logprobs, vocab_size, chunk_tokens=chunk_tokens
     )
 
 

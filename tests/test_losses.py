@@ -424,7 +424,7 @@ def test_chunked_loss_equals_the_unchunked_loss(objective, chunks):
         if chunk_tokens is None:
             out = masters_loss(head(states), batch, config, RewardConfig(), ref, vocab_size=11)
         else:
-            out = chunked_masters_loss(states, head, batch, config, RewardConfig(), ref, 11, chunk_tokens)
+            out = chunked_masters_loss(states, head, batch, config, RewardConfig(), ref, 11, chunk_tokens=chunk_tokens)
         out.loss.backward()
         return out, (states.grad, head.weight.grad, head.bias.grad)
 
@@ -452,7 +452,7 @@ def test_chunked_loss_runs_the_head_on_one_chunk_at_a_time_and_recomputes_it_in_
     rows = []
     head.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
     tokens = int(batch.response_mask.sum())
-    out = chunked_masters_loss(hidden.requires_grad_(True), head, batch, LossConfig(), RewardConfig(), ref, 11, 4)
+    out = chunked_masters_loss(hidden.requires_grad_(True), head, batch, LossConfig(), RewardConfig(), ref, 11, chunk_tokens=4)
     per_chunk = [4] * (tokens // 4) + ([tokens % 4] if tokens % 4 else [])
     assert rows == per_chunk  # only response tokens, never more than a chunk
     out.loss.backward()
@@ -463,7 +463,7 @@ def test_chunked_loss_runs_the_head_on_one_chunk_at_a_time_and_recomputes_it_in_
 def test_chunked_loss_ignores_padding_garbage():
     batch, head, hidden, ref = linear_head_case(17)
     config = LossConfig()
-    clean = chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11, 3)
+    clean = chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11, chunk_tokens=3)
     outside = ~batch.response_mask
     hidden[outside] = math.nan  # the hidden states of prompt and padding positions are never read
     batch.target_ids[outside] = -100
@@ -471,7 +471,7 @@ def test_chunked_loss_ignores_padding_garbage():
     batch.teacher_topk_logprobs[outside] = math.nan
     ref[outside] = math.nan
     states = hidden.requires_grad_(True)
-    dirty = chunked_masters_loss(states, head, batch, config, RewardConfig(), ref, 11, 3)
+    dirty = chunked_masters_loss(states, head, batch, config, RewardConfig(), ref, 11, chunk_tokens=3)
     dirty.loss.backward()
     assert_same_output(dirty, clean, atol=0, rtol=0)
     assert torch.isfinite(head.weight.grad).all() and torch.equal(states.grad[outside], torch.zeros_like(states.grad[outside]))
@@ -481,16 +481,16 @@ def test_chunked_loss_rejects_bad_inputs():
     batch, head, hidden, ref = linear_head_case(18)
     config = LossConfig()
     with pytest.raises(ValueError, match="chunk_tokens must be a positive integer"):
-        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11, 0)
+        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11, chunk_tokens=0)
     with pytest.raises(ValueError, match=r"hidden_states must be \[B, T, H\]"):
-        chunked_masters_loss(hidden[0], head, batch, config, RewardConfig(), ref, 11)
+        chunked_masters_loss(hidden[0], head, batch, config, RewardConfig(), ref, 11, chunk_tokens=4)
     with pytest.raises(ValueError, match="ref_logprobs"):
-        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), None, 11)
+        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), None, 11, chunk_tokens=4)
     with pytest.raises(ValueError, match="vocab_size"):
-        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 14)
+        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 14, chunk_tokens=4)
     batch.teacher_topk_ids[batch.response_mask.nonzero()[0].tolist()] = 11
     with pytest.raises(ValueError, match="teacher_topk_ids holds ids outside 0..10"):
-        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11)
+        chunked_masters_loss(hidden, head, batch, config, RewardConfig(), ref, 11, chunk_tokens=4)
 
 
 # --------------------------------------------------------------------------- chunked loss on VLMs
@@ -510,8 +510,8 @@ def student_and_reference(model_dir, seed: int = 0):
 
 def student_loss_and_grads(student, reference, batch, config, vocab, chunk_tokens):
     student.zero_grad(set_to_none=True)
-    out = student_loss(student, reference if needs_reference(config) else None, batch, config, RewardConfig(), vocab,
-                       chunk_tokens=chunk_tokens)
+    config = config.model_copy(update={"chunk_tokens": chunk_tokens})
+    out = student_loss(student, reference if needs_reference(config) else None, batch, config, RewardConfig(), vocab)
     out.loss.backward()
     return out, {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
 
@@ -559,7 +559,7 @@ def test_chunked_student_loss_through_a_wrapper_and_the_head_calls(micro_case):
     rows = []
     handle = student.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape[:-1])))
     try:
-        out = student_loss(Wrapper(student), reference, batch, LossConfig(), RewardConfig(), vocab, chunk_tokens=16)
+        out = student_loss(Wrapper(student), reference, batch, LossConfig(chunk_tokens=16), RewardConfig(), vocab)
         tokens = batch.num_response_tokens
         per_chunk = [(16,)] * (tokens // 16) + ([(tokens % 16,)] if tokens % 16 else [])
         assert rows == [(batch.inputs["input_ids"].shape[0], 0), *per_chunk]
@@ -567,7 +567,7 @@ def test_chunked_student_loss_through_a_wrapper_and_the_head_calls(micro_case):
         assert sorted(rows[1 + len(per_chunk) :]) == sorted(per_chunk)
     finally:
         handle.remove()
-    whole = student_loss(student, reference, batch, LossConfig(), RewardConfig(), vocab, chunk_tokens=None)
+    whole = student_loss(student, reference, batch, LossConfig(chunk_tokens=None), RewardConfig(), vocab)
     assert_same_output(out, whole)
 
 
