@@ -86,13 +86,15 @@ def student_config_hash(config: MastersConfig, question_ids: Sequence[str]) -> s
 def stage_config_hash(
     config: MastersConfig, teacher: str, mask_ratio: float, stage_index: int, question_ids: Sequence[str], student_hash: str | None
 ) -> str:
-    """What a stage's records depend on. Execution knobs (actor counts, batch sizes, timeouts) are left out."""
+    """What a stage's records depend on: what produced them, not the loss that will consume them (the
+    mask_progressive and full objectives train on the same records). Execution knobs (actor counts,
+    batch sizes, timeouts) are left out."""
     (teacher_config,) = [t for t in config.models.teachers if t.name == teacher]
     judge = config.rewards.judge.model_dump(exclude={"timeout_s", "max_retries", "api_key_env"})
     return _digest(
         {
             "schema_version": SCHEMA_VERSION,
-            "objective": config.loss.objective,
+            "responses": "dataset" if config.loss.objective == "naive" else "generated",
             "teacher": teacher_config.model_dump(exclude={"iteration_weight"}),
             "mask_ratio": round(mask_ratio, 6),
             "stage_index": stage_index,

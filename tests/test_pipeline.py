@@ -518,3 +518,19 @@ def test_a_killed_reward_actor_loses_and_doubles_no_question(service, tmp_path):
     assert result.manifest["counts"]["dropped_groups"] == 0
     # Judge calls are counted from the written groups only: the killed attempt's calls are not.
     assert result.manifest["judge"]["calls"] == 2 * len(ids)
+
+
+def test_a_stage_is_identified_by_what_produced_it_not_by_the_loss_that_consumes_it():
+    """mask_progressive and full train on the same records (an ablation ladder generates them once);
+    dataset answers (naive), another teacher level or other sampling are other records."""
+    from cluster.pipeline import stage_config_hash
+
+    def identity(**overrides):
+        return stage_config_hash(validate_config(overrides), "teacher-l", 0.0, 1, ["q1", "q2"], "students")
+
+    full = identity(loss={"objective": "full"})
+    assert identity(loss={"objective": "mask_progressive"}) == full
+    assert identity(loss={"objective": "full", "kl_beta": 0.5}, train={"lr": 1e-3}) == full
+    assert identity(loss={"objective": "naive"}, mask={"max_mask_ratio": 0.0}) != full
+    assert identity(generation={"sampling": {"temperature": 0.7}}) != full
+    assert identity(generation={"teacher_logprobs_dtype": "float32"}) != full
