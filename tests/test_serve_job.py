@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from ray_processes import free_ports, processes_with_env, run_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "serve_teachers.py"
@@ -31,37 +31,11 @@ SHUTDOWN_TIMEOUT_S = 90  # serve.shutdown() + ray.shutdown(); ~10 s on 2 idle co
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(STARTUP_TIMEOUT_S + SHUTDOWN_TIMEOUT_S + 120)]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def job_environment(ray_tmpdir: Path) -> dict[str, str]:
     """Offline and quiet; this checkout's code first (the venv's editable install may be another one)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_ADDRESS")}
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        RAY_TMPDIR=str(ray_tmpdir),
-    )
+    env = run_environment(ray_tmpdir)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return env
-
-
-def processes_with_env(name: str, value: str) -> list[int]:
-    marker = f"{name}={value}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-    return found
 
 
 def process_names(pids: list[int]) -> list[str]:
@@ -89,7 +63,7 @@ def wait_until_serving(process: subprocess.Popen, url: str, log: Path) -> None:
 def test_a_stop_signal_ends_the_service_and_every_ray_process(micro_model_dir, tmp_path, stop):
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray-stop-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     marker = str(ray_tmpdir)
-    port = free_port()
+    (port,) = free_ports(1)
     config = tmp_path / "serve.yaml"
     config.write_text(
         yaml.safe_dump(
