@@ -64,10 +64,15 @@ class ModelParts:
     language_model: nn.Module
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """`model.model` of a `…ForConditionalGeneration`, where the parts and the position logic live."""
+    return model.model if isinstance(getattr(model, "model", None), nn.Module) else model
+
+
 def model_parts(model: nn.Module) -> ModelParts:
     """The vision tower, projector modules and language model of a `…ForConditionalGeneration` VLM."""
     name = type(model).__name__
-    base = getattr(model, "model", None) or getattr(model, "base_model", model)
+    base = _base_model(model)
     if not hasattr(base, "get_decoder") or not hasattr(base, "get_encoder"):
         raise UnsupportedModelError(f"{name} is not a transformers VLM: its base model has no get_decoder/get_encoder")
     language = base.get_decoder()
@@ -94,15 +99,15 @@ def part_weights(model: nn.Module) -> dict[Part, list[nn.Parameter]]:
     parameter (Gemma 3 projects with a raw `mm_input_projection_weight`). Embeddings, norms and biases
     are never listed; a projector inside the vision tower counts as projector only."""
     parts = model_parts(model)
-    projector = {id(p) for module in parts.projector for p in module.parameters() if p.ndim == 2}
+    projector = list({id(p): p for module in parts.projector for p in module.parameters() if p.ndim == 2}.values())
+    in_projector = {id(p) for p in projector}
 
     def linear_weights(module: nn.Module) -> list[nn.Parameter]:
         return [m.weight for m in module.modules() if isinstance(m, nn.Linear) and m.weight.ndim == 2]
 
-    by_id = {id(p): p for module in parts.projector for p in module.parameters()}
     return {
-        "vision_tower": [w for w in linear_weights(parts.vision_tower) if id(w) not in projector],
-        "projector": [by_id[i] for i in dict.fromkeys(projector)],
+        "vision_tower": [w for w in linear_weights(parts.vision_tower) if id(w) not in in_projector],
+        "projector": projector,
         "language_model": linear_weights(parts.language_model),
     }
 
@@ -235,7 +240,7 @@ class VLMFamily:
                 f"{self.model_class}: its tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token) "
                 "and save the processor again"
             )
-        base = getattr(model, "model", model)
+        base = _base_model(model)
         # Qwen-VL computes 3-D mrope positions from the tokens and image grids; no other family has this.
         self._rope_index = getattr(base, "get_rope_index", None)
         self._rope_index_args = set(inspect.signature(self._rope_index).parameters) if self._rope_index else set()
@@ -249,10 +254,6 @@ class VLMFamily:
                 f"generation_config.eos_token_id {list(self.stop_token_ids)}: generation would not stop where answers end; "
                 "add it to generation_config.eos_token_id"
             )
-
-    @property
-    def has_own_positions(self) -> bool:
-        return self._rope_index is not None
 
     def encode(self, text: str, images: Sequence[Image.Image]) -> PromptInputs:
         return encode_prompt(self.processor, text, images)
@@ -272,10 +273,6 @@ class VLMFamily:
         arguments = {key: value for key, value in inputs.items() if key in self._rope_index_args and key != "position_ids"}
         positions, _ = self._rope_index(**arguments)
         return positions
-
-    def answer_ids(self, answer: str) -> list[int]:
-        """Token ids of an assistant answer as the model should produce it: the text, then its end-of-turn token."""
-        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.answer_end_id]
 
 
 def stop_token_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
