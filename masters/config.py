@@ -1,6 +1,6 @@
 """The run configuration: one pydantic model per part, loaded from YAML with dotted overrides.
 
-Every default is the value in ``shared/method.md`` (the paper's where it states one, ours
+Every default is the value in ``docs/method.md`` (the paper's where it states one, ours
 otherwise), so ``MastersConfig()`` is the method as published, scaled to the embedded default.
 Invalid input raises :class:`ConfigError` naming the field, the bad value and what is allowed,
 before anything (Ray included) starts.

@@ -1,6 +1,6 @@
 """The restoration curriculum: teachers in chain order × mask stages × data chunks, and where a run is.
 
-Our reading of the method (shared/method.md §1-2): one pass over the train questions, shuffled with
+Our reading of the method (docs/method.md §1-2): one pass over the train questions, shuffled with
 `data.seed`, is split between the teachers in proportion to `iteration_weight`; each teacher's share
 is cut into M contiguous, equal chunks, and chunk k is trained with the responses of the teacher
 masked at stage k's ratio r_max − k·s (the last stage is the full teacher). A stage's trainer draws
