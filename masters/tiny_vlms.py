@@ -14,7 +14,8 @@ Architectures and their classes:
 * ``qwen3_vl``   `Qwen3VLForConditionalGeneration` + `Qwen3VLProcessor`
   (`Qwen2VLImageProcessor`, `Qwen3VLVideoProcessor`).
 * ``internvl``   `InternVLForConditionalGeneration` + `InternVLProcessor` (`GotOcr2ImageProcessor`,
-  `InternVLVideoProcessor`), in the InternVL3/3.5 "-hf" format with a Qwen2 language model.
+  `InternVLVideoProcessor`), in the InternVL3.5 "-hf" format with a Qwen3 language model (InternVL3's
+  Qwen2.5 language model differs only in its text config; the code paths are the same).
 * ``gemma3``     `Gemma3ForConditionalGeneration` (SigLIP + Gemma 3 text) + `Gemma3Processor`.
 * ``idefics3``   `Idefics3ForConditionalGeneration` (SmolVLM layout: Idefics3 vision + Llama) +
   `Idefics3Processor`. SmolVLM's own processor needs the `num2words` package, hence this family.
@@ -83,9 +84,9 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
-    Qwen2Config,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3Config,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
@@ -655,7 +656,7 @@ def _config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, architecture: s
         vision = InternVLVisionConfig(**_vision_common(size))
         return InternVLConfig(
             vision_config=vision,
-            text_config=Qwen2Config(**text, **_special_ids(tokenizer)),
+            text_config=Qwen3Config(**text, **_special_ids(tokenizer), head_dim=head_dim),  # InternVL3.5: Qwen3
             image_token_id=tokenizer.context_image_token_id,
             image_seq_length=internvl_image_seq_length(size),
             downsample_ratio=INTERNVL_DOWNSAMPLE_RATIO,
