@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -35,36 +34,47 @@ from masters.records import StageRecord, check_schema, table_to_records
 class StageTable:
     """The Parquet files of one stage directory, ordered by question id (independent of file layout).
 
-    Rows stay columnar (memory-mapped Arrow); :meth:`records` turns only the rows a worker trains on
-    into :class:`StageRecord` objects.
+    Only the `question_id` column is read up front (to order the questions and find each one's file,
+    row group and row); :meth:`records` reads just the row groups that hold the asked-for rows. A
+    worker's memory is therefore bounded by the row groups of one micro-batch (stages are written in
+    row groups of `masters.records.ROWS_PER_ROW_GROUP` questions), not by the stage.
     """
 
     def __init__(self, stage_dir: str | Path):
         stage_dir = Path(stage_dir)
         # Files starting with "." or "_" are temp files of atomic writes or manifests, never data.
-        files = sorted(p for p in stage_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
-        if not files:
+        paths = sorted(p for p in stage_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
+        if not paths:
             raise FileNotFoundError(
                 f"stage directory {str(stage_dir)!r} holds no *.parquet files; "
                 "run the generation pipeline for this stage first"
             )
-        tables = []
-        for path in files:
-            table = pq.read_table(path, memory_map=True)
-            check_schema(table.schema)
-            tables.append(table)
-        self.table = pa.concat_tables(tables)
-        question_ids = self.table.column("question_id")
-        if pc.count_distinct(question_ids).as_py() != len(question_ids):
+        self._files = []
+        question_ids, locations = [], []  # locations: (file, row group, row within it)
+        for file_index, path in enumerate(paths):
+            parquet = pq.ParquetFile(path, memory_map=True)
+            check_schema(parquet.schema_arrow)
+            self._files.append(parquet)
+            for group in range(parquet.num_row_groups):
+                ids = parquet.read_row_group(group, columns=["question_id"]).column(0).to_pylist()
+                question_ids += ids
+                locations += [(file_index, group, row) for row in range(len(ids))]
+        if len(set(question_ids)) != len(question_ids):
             raise ValueError(f"stage directory {str(stage_dir)!r} holds a question id more than once")
-        self._order = pc.sort_indices(self.table, sort_keys=[("question_id", "ascending")])
+        order = sorted(range(len(question_ids)), key=question_ids.__getitem__)
+        self._locations = [locations[index] for index in order]
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return len(self._locations)
 
     def records(self, positions: list[int]) -> list[StageRecord]:
-        """The records at `positions` of the question-id order."""
-        return table_to_records(self.table.take(self._order.take(positions)))
+        """The records at `positions` of the question-id order, reading only the row groups that hold them."""
+        wanted = [self._locations[position] for position in positions]
+        groups = {
+            (file, group): self._files[file].read_row_group(group)
+            for file, group in dict.fromkeys((file, group) for file, group, _ in wanted)
+        }
+        return table_to_records(pa.concat_tables([groups[(file, group)].slice(row, 1) for file, group, row in wanted]))
 
 
 # --------------------------------------------------------------------------- sharding

@@ -295,3 +295,30 @@ def test_stage_writer_stores_teacher_logprobs_in_the_configured_dtype(records, t
                 expected = expected.astype(np.float16).astype(np.float32)
             assert np.array_equal(np.asarray(stored.teacher_topk_logprobs, np.float32), expected)
             assert stored.teacher_topk_ids == original.teacher_topk_ids and stored.token_ids == original.token_ids
+
+
+def test_stage_table_reads_only_the_row_groups_of_the_asked_for_rows(records, tmp_path):
+    """A worker's memory is bounded by its micro-batch's row groups, not by the stage."""
+    from cluster.stage_store import PartWriter
+    from masters.records import ROWS_PER_ROW_GROUP, records_to_table, stage_schema
+
+    many = [
+        StageRecord(**{**record.__dict__, "question_id": f"{copy:03d}-{record.question_id}"})
+        for copy in range(2 * ROWS_PER_ROW_GROUP // len(records) + 2)
+        for record in records
+    ]
+    with PartWriter(tmp_path / "stage", stage_schema("float32"), kind="stage") as writer:
+        writer.write(records_to_table(many))
+        writer.finish([r.question_id for r in many])
+    table = StageTable(tmp_path / "stage")
+    assert len(table) == len(many)
+    (parquet,) = table._files
+    assert parquet.num_row_groups >= 3
+    reads = []
+    original = parquet.read_row_group
+    parquet.read_row_group = lambda group, **kwargs: reads.append((group, kwargs)) or original(group, **kwargs)
+    by_id = sorted(many, key=lambda r: r.question_id)
+    got = table.records([5, len(many) - 1, 6])
+    assert [r.question_id for r in got] == [by_id[5].question_id, by_id[-1].question_id, by_id[6].question_id]
+    assert got[0].responses[0].token_ids == by_id[5].responses[0].token_ids
+    assert len(reads) == 2 and all(kwargs == {} for _, kwargs in reads)  # two row groups, nothing else
