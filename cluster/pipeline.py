@@ -41,7 +41,7 @@ from masters.config import MastersConfig
 from masters.curriculum import Stage
 from masters.data import VQASample
 from masters.data.export import png_bytes
-from masters.families import answer_end_id
+from masters.families import answer_token_ids
 from masters.models import build_prompt
 from masters.records import SCHEMA_VERSION, stage_schema
 from serve.levels import STUDENT, model_id
@@ -292,7 +292,6 @@ def run_stages(
     naive = config.loss.objective == "naive"
     results: dict[str, StepResult] = {}
     pending: dict[tuple[str, int], _PendingStage] = {}
-    answer_end = answer_end_id(processor)  # dataset answers end like the model's own (naive objective)
     for stage in stages:
         samples = stage_samples(stage, train_samples)
         question_ids = _check_unique(samples)
@@ -315,11 +314,12 @@ def run_stages(
             logger.warning("stage %s was written under another config or is damaged; redoing it", stage.stage_id)
         remove_partial(directory)
         rows = _question_rows(samples, processor, teacher, mask_ratio, stage_index, stage.model_id)
-        for row, sample in zip(rows, samples):
-            if naive:
-                token_ids = processor.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [answer_end]
+        if naive:  # the dataset answer, ending as the model's own answers do
+            answers = answer_token_ids(processor, [sample.answer for sample in samples])
+            for row, sample, token_ids in zip(rows, samples, answers):
                 row["responses"] = [{"source": "dataset", "text": sample.answer, "token_ids": token_ids}]
-            else:
+        else:
+            for row, sample in zip(rows, samples):
                 row["responses"] = students.get(sample.id, [])
         pending[(teacher, stage_index)] = _PendingStage(stage, question_ids, directory, config_hash, rows)
     if not pending:

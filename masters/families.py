@@ -311,6 +311,12 @@ def answer_end_id(processor) -> int:
     return int(found)
 
 
+def answer_token_ids(processor, answers: Sequence[str]) -> list[list[int]]:
+    """Each answer as the model should produce it: its tokens, then the template's answer end (`answer_end_id`)."""
+    end = answer_end_id(processor)
+    return [ids + [end] for ids in processor.tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
+
+
 def chat_template_of(processor) -> str | None:
     """The chat template prompts are rendered with (the processor's, else its tokenizer's)."""
     return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from masters.families import PromptInputs, VLMFamily, answer_end_id, encode_prompt
+from masters.families import PromptInputs, VLMFamily, answer_token_ids, encode_prompt
 from masters.models import build_prompt
 
 IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there
@@ -57,9 +57,7 @@ def encode_examples(
     if not (len(images) == len(questions) == len(answers)):
         raise ValueError(f"images, questions and answers differ in length: {len(images)}, {len(questions)}, {len(answers)}")
     prompts = [encode_prompt(processor, build_prompt(processor, q), [image]) for image, q in zip(images, questions)]
-    end = answer_end_id(processor)
-    answer_ids = [ids + [end] for ids in processor.tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
-    return EncodedExamples(prompts, answer_ids)
+    return EncodedExamples(prompts, answer_token_ids(processor, answers))
 
 
 def collate(examples: EncodedExamples, indices: Sequence[int], family: VLMFamily) -> dict[str, torch.Tensor]:
