@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from masters.families import VLMFamily
+from masters.families import VLMFamily, inputs_on
 from masters.losses import MastersBatch
 from masters.records import StageRecord, check_schema, table_to_records
 
@@ -162,10 +162,7 @@ class ResponseBatch:
     def to(self, device: str | torch.device, float_dtype: torch.dtype = torch.float32) -> ResponseBatch:
         """On `device`, with floating inputs (pixels) in `float_dtype`, the model's dtype."""
         return ResponseBatch(
-            inputs={
-                key: value.to(device, float_dtype if value.is_floating_point() else value.dtype)
-                for key, value in self.inputs.items()
-            },
+            inputs=inputs_on(self.inputs, device, float_dtype),
             prompt_length=self.prompt_length,
             targets=self.targets.to(device),
         )

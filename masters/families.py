@@ -219,6 +219,11 @@ def batch_inputs(
     return inputs
 
 
+def inputs_on(inputs: dict[str, torch.Tensor], device: str | torch.device, float_dtype: torch.dtype) -> dict:
+    """Model inputs on `device`, floating ones (pixels) in the model's `float_dtype`, ids and masks as they are."""
+    return {key: value.to(device, float_dtype if value.is_floating_point() else value.dtype) for key, value in inputs.items()}
+
+
 def counting_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Each token's index among its row's attended tokens (what `generate` gives under left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

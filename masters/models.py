@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from masters.families import VLMFamily, batch_inputs, chat_template_of
+from masters.families import VLMFamily, batch_inputs, chat_template_of, inputs_on
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -118,11 +118,7 @@ def generate_answers(
     """
     parameter = next(model.parameters())
     prompts = [family.encode(build_prompt(family.processor, q), [image]) for image, q in zip(images, questions)]
-    inputs = batch_inputs(prompts, None, family.pad_id)
-    inputs = {
-        key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
-        for key, value in inputs.items()
-    }
+    inputs = inputs_on(batch_inputs(prompts, None, family.pad_id), parameter.device, parameter.dtype)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=family.pad_id)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in family.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

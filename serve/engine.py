@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from masters.config import MaskConfig, ServeConfig
-from masters.families import VLMFamily
+from masters.families import VLMFamily, inputs_on
 from masters.models import load_model
 
 from serve.api import ChatMessage, ServeError, TokenScores
@@ -230,9 +230,7 @@ class TransformersEngine:
 
     def _forward_inputs(self, prompts: list[EncodedPrompt], continuations: list[list[int]] | None = None) -> dict:
         """Prompts left padded, continuations right padded (`VLMFamily.inputs`), on the model's device and dtype."""
-        inputs = self.family.inputs([p.engine_input for p in prompts], continuations)
-        dtype = self.model.dtype
-        return {k: v.to(self.device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+        return inputs_on(self.family.inputs([p.engine_input for p in prompts], continuations), self.device, self.model.dtype)
 
     # ----------------------------------------------------------------------- generate
 
