@@ -218,3 +218,18 @@ def test_a_model_without_vision_parts_fails_at_load_naming_its_class(micro_model
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM .*no vision tower"):
         VLMFamily(model, micro_processor)
+
+
+def test_a_template_answer_end_that_does_not_stop_generation_fails_at_load(micro_model_dir):
+    """The answer end must be a stop id, or generated answers would run past where dataset answers end."""
+    model, processor = load_model(micro_model_dir)
+    model.generation_config.eos_token_id = [processor.tokenizer.pad_token_id]
+    with pytest.raises(UnsupportedModelError, match=r"ends an answer with token .*'</s>'.*add it to generation_config"):
+        VLMFamily(model, processor)
+
+
+def test_a_tokenizer_without_pad_token_fails_at_load_with_the_fix(micro_model_dir):
+    model, processor = load_model(micro_model_dir)
+    processor.tokenizer.pad_token = None
+    with pytest.raises(UnsupportedModelError, match="no pad token; set one"):
+        VLMFamily(model, processor)
