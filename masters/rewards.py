@@ -38,6 +38,7 @@ _NUMBER_WORDS = {
 }
 _ARTICLES = {"a", "an", "the"}
 _ANSWER_PREFIX = re.compile(r"^\s*answer\s*:\s*", re.IGNORECASE)
+_ANSWER_MARKER = re.compile(r"\banswer\s*:", re.IGNORECASE)
 # A "." between digits and a "-" sign in front of a number are part of the number; every other
 # punctuation character separates words. Apostrophes join ("don't" -> "dont").
 _PUNCTUATION = re.compile(
@@ -65,6 +66,13 @@ def normalize_answer(text: str) -> str:
     text = _PUNCTUATION.sub(lambda match: match.group("keep") or " ", text)
     words = [_NUMBER_WORDS.get(word, word) for word in text.split()]
     return " ".join(word for word in words if word not in _ARTICLES)
+
+
+def final_answer(response: str) -> str:
+    """What a response answers: the text after its last ``answer:`` (a rationale may come first, as in
+    "red circle top left, red circle middle. answer: 2"), or the whole response when it has none."""
+    markers = list(_ANSWER_MARKER.finditer(response))
+    return response[markers[-1].end() :] if markers else response
 
 
 def is_repetitive(text: str) -> bool:
@@ -104,14 +112,19 @@ def _numbers_match(response: str, ground_truth: str, numeric_tolerance: float) -
 def rule_accuracy(response: str, ground_truth: str, numeric_tolerance: float) -> float:
     """R_acc of the rule-based judge, 1.0 or 0.0.
 
-    In order: an empty response scores 0; equal normalised strings score 1; a repetitive response
-    (:func:`is_repetitive`) scores 0; an option-letter ground truth ("B") is matched against the
+    A response with a rationale is judged on its :func:`final_answer`, and scores 0 when the rationale
+    is repetitive. Then, in order: an empty answer scores 0; equal normalised strings score 1; a repetitive
+    answer (:func:`is_repetitive`) scores 0; an option-letter ground truth ("B") is matched against the
     response's leading letter ("(B)", "b", "B. red"); two numbers match within the relative
     ``numeric_tolerance``; a yes/no ground truth is matched by the response's first word
     ("Yes, there is." == "yes"). Anything else scores 0.
     """
     if not ground_truth.strip():
         raise ValueError("ground_truth is empty: every question needs a non-empty reference answer")
+    answer = final_answer(response)
+    if answer is not response and is_repetitive(response[: len(response) - len(answer)]):
+        return 0.0
+    response = answer
     if not response.strip():
         return 0.0
     normalized_response, normalized_truth = normalize_answer(response), normalize_answer(ground_truth)

@@ -104,7 +104,7 @@ def _default_roles() -> dict[str, RoleConfig]:
                 vision_intermediate_size=128,
                 **vision,
             ),
-            steps=80,
+            steps=120,
             batch_size=32,
             lr=2e-3,
             warmup_steps=15,
@@ -130,7 +130,9 @@ class ZooConfig(BaseModel):
     tokenizer_corpus_size: int = Field(2000, ge=1, description="Suite texts the tokenizer is trained on.")
     train_size: int = Field(4096, ge=1, description="Distinct training samples, rendered and tokenised once.")
     val_size: int = Field(128, ge=1, description="Validation samples scored after each role's training.")
-    max_new_tokens: int = Field(16, ge=1, description="Answer length limit of the validation scoring.")
+    max_new_tokens: int = Field(
+        48, ge=1, description="Response length limit of the validation scoring (a rationale, then the answer)."
+    )
     captions: bool = Field(
         True,
         description=(
@@ -225,7 +227,8 @@ def build_zoo(
     tokenizer = train_tokenizer(corpus, config.vocab_size, config.architecture)
     train_samples = make_split("train", config.train_size, seed=config.seed)
     images = [s.image for s in train_samples]
-    questions, answers = [s.question for s in train_samples], [s.answer for s in train_samples]
+    # Trained on the reference responses (a rationale, then the answer), as the method's teachers answer.
+    questions, answers = [s.question for s in train_samples], [s.response for s in train_samples]
     if config.captions:
         images, questions = images + images, questions + [CAPTION_QUESTION] * len(train_samples)
         answers = answers + [describe(s) for s in train_samples]

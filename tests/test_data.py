@@ -36,6 +36,7 @@ from masters.data import (
     write_parquet,
     write_vlmevalkit_tsv,
 )
+from masters.data.captions import rationale
 from masters.data.export import png_bytes
 from masters.data.shapes import COLOURS
 
@@ -266,18 +267,42 @@ def test_bar_heights_follow_chart_values():
     assert checked > 10
 
 
+def test_reference_responses_reason_to_the_answer():
+    """The rationale before `answer:` is what the answer follows from, family by family."""
+    for sample in make_split("train", 20 * len(FAMILIES)) + make_split("heldout", 60):
+        written, answer = sample.response.rsplit(". answer: ", 1)
+        assert answer == sample.answer and rationale(sample.family, sample.meta) == written
+        listed = [] if written == "none" else written.split(", ")
+        if sample.family == "shapes_count":
+            assert len(listed) == int(sample.answer)
+        elif sample.family == "shapes_exist":
+            assert (sample.answer == "yes") == bool(listed)
+        elif sample.family == "shapes_compare":
+            first, second = (int(part.rsplit(" ", 1)[1]) for part in listed)
+            assert (sample.answer == "yes") == (first > second)
+        elif sample.family == "shapes_attribute":
+            assert sample.answer in written.split()[:3]
+        elif sample.family == "chart_value":
+            assert f"{sample.meta['query']} {sample.answer}" in written
+        elif sample.family == "text_sum":
+            assert sum(int(line.rsplit(" ", 1)[1]) for line in listed) == int(sample.answer)
+        elif sample.family == "text_read":
+            assert written.endswith(f" {sample.answer}")
+
+
 def test_vocabulary_is_small_regular_and_in_the_tokenizer_corpus():
     vocabulary = set(VOCABULARY)
     assert len(vocabulary) < 250
     for sample in make_split("train", 50 * len(FAMILIES)) + make_split("heldout", 60):
         assert re.fullmatch(r"[a-z]+|\d+", sample.answer), sample.answer
         assert sample.question.endswith("?")
-        words = set(re.findall(r"[a-z]+|\d+", sample.question + " " + sample.answer))
+        words = set(re.findall(r"[a-z]+|\d+", sample.question + " " + sample.response))
         assert words <= vocabulary, words - vocabulary
+        assert sample.response.endswith(f". answer: {sample.answer}")
     corpus = text_corpus(seed=0, size=30)
     assert corpus == text_corpus(seed=0, size=30)
     train = make_split("train", 30)
-    assert corpus[:-1] == [text for s in train for text in (s.question, s.answer)]
+    assert corpus[:-1] == [text for s in train for text in (s.question, s.response)]
     assert set(corpus[-1].split()) == vocabulary
 
 
@@ -291,6 +316,14 @@ def test_parquet_round_trip_is_exact(tmp_path, mixed_samples):
     assert table.schema.metadata[b"masters_suite_version"] == SUITE_VERSION.encode()
     assert table.column("image")[0].as_py().startswith(b"\x89PNG\r\n\x1a\n")
     assert [p.name for p in tmp_path.iterdir()] == ["suite.parquet"]  # no temporary left behind
+
+
+def test_a_dataset_without_reference_responses_trains_on_its_answers(tmp_path, mixed_samples):
+    path = write_parquet(mixed_samples, tmp_path / "suite.parquet")
+    pq.write_table(pq.read_table(path).drop_columns(["response"]), tmp_path / "answers_only.parquet")
+    samples = read_parquet(tmp_path / "answers_only.parquet")
+    assert [s.response for s in samples] == [s.answer for s in mixed_samples]
+    assert all(s.response.endswith(f"answer: {s.answer}") for s in mixed_samples)
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, mixed_samples):

@@ -88,6 +88,21 @@ def test_rule_accuracy_mismatches(response, truth):
     assert rule_accuracy(response, truth, TOL) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("response", "truth", "score"),
+    [
+        ("red circle top left, red circle middle. answer: 2", "2", 1.0),
+        ("none. Answer: no", "no", 1.0),
+        ("green objects 1, blue objects 3. answer: yes", "no", 0.0),
+        ("answer: 3 is wrong. answer: 4", "4", 1.0),  # the last answer counts
+        ("red circle, red circle, red circle, red circle. answer: 4", "4", 0.0),  # a degenerate rationale
+        ("bar chart a 1, b 6. answer:", "6", 0.0),  # a rationale without an answer
+    ],
+)
+def test_a_rationale_is_judged_on_its_final_answer(response, truth, score):
+    assert rule_accuracy(response, truth, 1e-6) == score
+
+
 def test_numeric_tolerance_is_relative():
     assert rule_accuracy("3.14159", "3.1416", 1e-4) == 1.0
     assert rule_accuracy("3.14159", "3.1416", 1e-6) == 0.0

@@ -119,6 +119,7 @@ def write_parquet(samples: Sequence[VQASample], path: str | os.PathLike) -> Path
             "split": pa.array([s.split for s in samples], pa.string()),
             "question": pa.array([s.question for s in samples], pa.string()),
             "answer": pa.array([s.answer for s in samples], pa.string()),
+            "response": pa.array([s.response for s in samples], pa.string()),
             "difficulty": pa.array([s.difficulty for s in samples], pa.int8()),
             "image": pa.array([png_bytes(s.image) for s in samples], pa.binary()),
             "meta": pa.array([json.dumps(s.meta, sort_keys=True) for s in samples], pa.string()),
@@ -147,8 +148,9 @@ def read_parquet(path: str | os.PathLike) -> list[VQASample]:
             image=decode_png(row["image"]),
             difficulty=int(row["difficulty"]),
             meta=json.loads(row["meta"]),
+            response=row.get("response") or row["answer"],
         )
-        for row in table.select(list(COLUMNS)).to_pylist()
+        for row in table.select(list(COLUMNS) + (["response"] if "response" in table.column_names else [])).to_pylist()
     ]
 
 

@@ -15,10 +15,11 @@ from typing import Any
 
 from PIL import Image
 
-from masters.data import charts, shapes, text
+from masters.data import captions, charts, shapes, text
+from masters.data.captions import reference_response
 from masters.data.family import Family
 
-SUITE_VERSION = "1"
+SUITE_VERSION = "2"  # 2: reference responses (a rationale, then the answer)
 SPLITS = ("train", "val", "test", "heldout")
 MIN_IMAGE_SIZE = 56  # the four-line sums and the double-size words need this much room
 
@@ -26,16 +27,20 @@ _FAMILIES: dict[str, Family] = {f.name: f for f in (*shapes.FAMILIES, *charts.FA
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 HELDOUT_FAMILIES: tuple[str, ...] = tuple(name for name, f in _FAMILIES.items() if f.generate_heldout is not None)
 HELDOUT_COMBINATIONS = shapes.HELDOUT_COMBINATIONS
-# Every word a question or answer can contain (numbers are 0..99), for the shared tokenizer.
+# Every word a question, answer or reference response can contain (numbers are 0..99), for the shared tokenizer.
 VOCABULARY: tuple[str, ...] = tuple(
-    dict.fromkeys((*shapes.VOCABULARY, *charts.VOCABULARY, *text.VOCABULARY, *map(str, range(100))))
+    dict.fromkeys(
+        (*shapes.VOCABULARY, *charts.VOCABULARY, *text.VOCABULARY, *captions.VOCABULARY, *map(str, range(100)))
+    )
 )
 
 
 @dataclass(frozen=True)
 class VQASample:
     """One question about one image. `id` is "<family>/<split>/<seed>/<index>"; `meta` is what the answer was
-    computed from (JSON-serialisable)."""
+    computed from (JSON-serialisable). `answer` is what a response is judged against; `response` is the
+    reference response a model is trained on: for the suite a rationale and then `answer: <answer>`
+    (`masters.data.captions.reference_response`), for a dataset without one the answer itself."""
 
     id: str
     family: str
@@ -45,6 +50,11 @@ class VQASample:
     image: Image.Image
     difficulty: int
     meta: dict[str, Any]
+    response: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.response:
+            object.__setattr__(self, "response", self.answer)
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
@@ -92,7 +102,8 @@ def make_sample(family: str, split: str, seed: int, index: int, image_size: int 
     rng = random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:16], "big"))
     generate = spec.generate_heldout if split == "heldout" else spec.generate
     out = generate(rng, image_size)
-    return VQASample(key, family, split, out.question, out.answer, out.image, spec.difficulty, out.meta)
+    response = reference_response(family, out.meta, out.answer)
+    return VQASample(key, family, split, out.question, out.answer, out.image, spec.difficulty, out.meta, response)
 
 
 def make_split(
@@ -120,9 +131,9 @@ def make_split(
 
 
 def text_corpus(seed: int = 0, size: int = 2000) -> list[str]:
-    """Questions and answers of `size` train samples, then one line with every suite word (for rare answers)."""
+    """Questions and reference responses of `size` train samples, then one line with every suite word (for rare answers)."""
     corpus = []
     for sample in make_split("train", size, seed):
-        corpus += [sample.question, sample.answer]
+        corpus += [sample.question, sample.response]
     corpus.append(" ".join(VOCABULARY))
     return corpus
