@@ -1,0 +1,263 @@
+"""Run an ablation ladder: every rung at every seed on one base config, in one Ray session.
+
+The zoo is built once, the teacher service is started once (serving the widest rung's model ids, which
+cover every other rung's), and the reference models (initial student, teachers) are evaluated once.
+All runs write their records into the ladder's shared `records/`, so rungs that would generate a stage
+alike share it: a ladder costs one generation pass per seed plus training per rung. At the end it writes
+`summary.json`, `summary.md` and `summary.png` (mean and 95% interval over seeds, overall and per family)
+under `<storage_path>/<ladder>/` and prints the table.
+
+    python jobs/ablate.py                                   # the default ladder on the embedded default
+    python jobs/ablate.py --dry-run                         # the runs and the records they share, nothing started
+    python jobs/ablate.py --ladder my_ladder.yaml --seeds 0 1 2 3 4 --rungs naive full_mid_large
+    python jobs/ablate.py --set data.train_size=1024        # applied to every run of the ladder
+
+Re-running resumes: finished runs are read back, unfinished ones resume from their last finished stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from masters.ablation import (
+    LadderConfig,
+    format_summary,
+    ladder_dir,
+    load_ladder,
+    plot_summary,
+    rung_config,
+    summarize,
+)
+from masters.config import ConfigError, MastersConfig, load_config
+from masters.curriculum import CurriculumState, Stage, plan_curriculum
+from masters.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger("masters.ablate")
+
+DEFAULT_LADDER = Path(__file__).resolve().parents[1] / "configs" / "ablations" / "ladder.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ablate.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="The ladder file format is documented in masters/ablation.py and docs/ablations.md.",
+    )
+    parser.add_argument("--ladder", type=Path, default=DEFAULT_LADDER, help="ladder YAML (default: configs/ablations/ladder.yaml)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the ladder's)")
+    parser.add_argument("--rungs", nargs="+", help="run only these rungs (default: all of the ladder's)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field of every run, e.g. --set data.train_size=1024 (repeatable)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and the records they share, start nothing")
+    parser.add_argument("--address", default=None, help="Ray address (default: the cluster under `ray job submit`, else a local one)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jobs.distill import check_paths_for_submitted_job
+
+    # 1. Every run's config and plan, validated before anything starts.
+    try:
+        ladder = load_ladder(args.ladder, args.seeds, args.rungs)
+        runs = {
+            (rung, seed): rung_config(ladder, rung, seed, args.set)
+            for rung, file in ladder.rungs.items()
+            if file is not None
+            for seed in ladder.seeds
+        }
+        plans = {key: plan_curriculum(config, config.data.train_size) for key, config in runs.items()}
+        for config in runs.values():
+            check_paths_for_submitted_job(config)
+        base = load_config(ladder.base, args.set)
+        check_comparable(base, runs)
+        service_config = widest(base, runs)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    directory = ladder_dir(ladder, base)
+    if args.dry_run:
+        print(format_runs(ladder, runs, plans))
+        return 0
+
+    from jobs.distill import check_tokenizers, connect_ray, distill, prepare_run_dir, resolve_models
+
+    started = time.perf_counter()
+    model_paths = resolve_models(service_config)
+    check_tokenizers(model_paths)
+
+    import ray
+
+    from cluster.evaluation import evaluate_models
+    from jobs.distill import cached_json
+    from serve.app import start as start_teacher_service
+    from serve.levels import STUDENT
+
+    connect_ray(args.address)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    # 2. The reference models, evaluated once for the whole ladder.
+    reference_path = directory / "reference_test.json"
+    reports = cached_json(reference_path)
+    if reports is None:
+        logger.info("evaluating the initial student and the teachers on the test split")
+        teachers = {t.name: model_paths[t.name] for t in service_config.models.teachers}
+        reports = evaluate_models(service_config, {"initial student": model_paths[STUDENT], **teachers}, "test", base.data.test_size)
+        atomic_write_json(reference_path, reports)
+    reference = {name: accuracy_row(report) for name, report in reports.items()}
+
+    # 3. The runs, seed by seed; finished runs are read back.
+    results: dict[str, dict[int, dict]] = {rung: {} for rung in ladder.rungs}
+    service_started = False
+    for seed in ladder.seeds:
+        for rung, file in ladder.rungs.items():
+            if file is None:
+                results[rung][seed] = reference["initial student"]
+                continue
+            config, plan = runs[(rung, seed)], plans[(rung, seed)]
+            run_dir = prepare_run_dir(config, plan)
+            if not is_finished(run_dir, plan):
+                if not service_started:
+                    start_teacher_service(service_config, model_paths)
+                    service_started = True
+                logger.info("run %s (%d stages) in %s", config.name, len(plan), run_dir)
+                distill(config, plan, run_dir, model_paths, reference=reference)
+            results[rung][seed] = accuracy_row(cached_json(run_dir / "eval" / "final_test.json")["final student"])
+            write_summary(directory, ladder, results, reference)
+
+    summary = write_summary(directory, ladder, results, reference)
+    print()
+    print(format_summary(summary, reference))
+    print(f"\nladder: {directory} ({(time.perf_counter() - started) / 60:.1f} min)")
+    ray.shutdown()
+    return 0
+
+
+# --------------------------------------------------------------------------- the steps above, spelled out
+
+
+def check_comparable(base: MastersConfig, runs: dict[tuple[str, int], MastersConfig]) -> None:
+    """Every rung must train the same initial student on the same data and be scored on the same test split."""
+    for (rung, seed), config in runs.items():
+        for field in ("data", "models.student", "models.zoo_config", "models.zoo_dir"):
+            ours, theirs = _field(config, field), _field(base, field)
+            if ours != theirs:
+                raise ConfigError(
+                    f"rung {rung!r} changes {field} ({theirs!r} -> {ours!r}); the rungs of a ladder must share the data, "
+                    "the initial student and the zoo, or their accuracies are not comparable: run it as its own ladder"
+                )
+
+
+def _field(config: MastersConfig, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def widest(base: MastersConfig, runs: dict[tuple[str, int], MastersConfig]) -> MastersConfig:
+    """The run config whose teacher service serves every model id (teacher level) any run asks for."""
+    from serve.levels import Catalog
+
+    needed = set().union(*(Catalog.from_config(c).model_ids for c in runs.values())) if runs else set()
+    for config in [*runs.values(), base]:
+        if needed <= set(Catalog.from_config(config).model_ids):
+            return config
+    raise ConfigError(
+        f"no rung serves every teacher level the ladder needs ({sorted(needed)}); one service must cover them all: "
+        "give the rungs the same teachers and mask.mask_step, or split the ladder"
+    )
+
+
+def format_runs(ladder: LadderConfig, runs: dict[tuple[str, int], MastersConfig], plans: dict[tuple[str, int], list[Stage]]) -> str:
+    """The runs of the ladder and, per stage record, which runs share it (the --dry-run listing)."""
+    from cluster.pipeline import stage_records
+    from jobs.distill import load_samples
+
+    rows = [("run", "objective", "teachers", "stages", "updates")]
+    users: dict[Path, list[str]] = {}
+    train_ids: dict[str, list[str]] = {}
+    for rung, file in ladder.rungs.items():
+        for seed in ladder.seeds:
+            if file is None:
+                rows.append((f"{rung} (seed {seed})", "evaluated only", "-", "0", "0"))
+                continue
+            config, plan = runs[(rung, seed)], plans[(rung, seed)]
+            rows.append(
+                (
+                    config.name,
+                    config.loss.objective,
+                    " -> ".join(t.name for t in config.models.teachers),
+                    str(len(plan)),
+                    str(sum(stage.optimizer_steps for stage in plan)),
+                )
+            )
+            key = config.data.model_dump_json()
+            if key not in train_ids:
+                train_ids[key] = [s.id for s in load_samples(config, "train", config.data.train_size)]
+            for stage in plan:
+                _, records = stage_records(config, stage, train_ids[key], Path(config.storage_path) / config.name)
+                users.setdefault(records, []).append(config.name)
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    by_runs: dict[tuple[str, ...], list[str]] = {}
+    for records, names in users.items():
+        by_runs.setdefault(tuple(names), []).append(f"{records.parent.name}/{records.name.split('-')[0]}")
+    lines += ["", f"{len(users)} stage records generated for {sum(len(u) for u in users.values())} stage trainings:"]
+    for names, stages in by_runs.items():
+        lines.append(f"  {len(stages):>2} ({', '.join(stages)}): {' + '.join(names)}")
+    return "\n".join(lines)
+
+
+def is_finished(run_dir: Path, plan: list[Stage]) -> bool:
+    """Whether the run finished every stage and its final evaluation."""
+    state_path = run_dir / "state.json"
+    return (
+        (run_dir / "eval" / "final_test.json").exists()
+        and state_path.exists()
+        and CurriculumState.load(state_path).next_stage(plan) is None
+    )
+
+
+def accuracy_row(report: dict) -> dict:
+    """A model's test row (overall, per family) plus the share of its most common answer: near 1 is a
+    model that answers the same whatever it is asked (the default student once did)."""
+    from collections import Counter
+
+    from jobs.distill import as_row
+    from masters.rewards import final_answer, normalize_answer
+
+    answers = Counter(normalize_answer(final_answer(p["response"])) for p in report["predictions"])
+    return {**as_row(report), "top_answer_share": answers.most_common(1)[0][1] / len(report["predictions"])}
+
+
+def write_summary(directory: Path, ladder: LadderConfig, results: dict[str, dict[int, dict]], reference: dict) -> dict:
+    """summary.json (per-seed rows, means, intervals), summary.md and summary.png of the runs finished so far."""
+    finished = {rung: by_seed for rung, by_seed in results.items() if by_seed}
+    summary = summarize(finished)
+    atomic_write_json(
+        directory / "summary.json",
+        {"ladder": ladder.model_dump(), "reference": reference, "results": finished, "summary": summary},
+    )
+    atomic_write_text(
+        directory / "summary.md",
+        f"# Ablation ladder {ladder.name}\n\nTest accuracy (%), mean ± 95% interval over seeds.\n\n"
+        + format_summary(summary, reference)
+        + "\n\n![ladder](summary.png)\n",
+    )
+    plot_summary(summary, {k: v for k, v in reference.items() if k != "initial student"}, directory / "summary.png")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
