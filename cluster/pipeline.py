@@ -7,8 +7,8 @@
 
 The teacher service is reached through a Serve handle inside the cluster or over HTTP; what runs in
 the Ray workers (sampling tasks, reward actors) lives in `cluster.responses`. The naive
-baseline (`loss.objective == "naive"`) skips sampling: its group is the dataset answer alone,
-scored by the unmasked teacher. A stage whose manifest matches is skipped; anything else is
+and supervised baselines (`loss.objective` naive or sft) skip sampling: their group is the dataset
+answer alone, scored by the unmasked teacher. A stage whose manifest matches is skipped; anything else is
 removed and redone from the start. `run_stages` streams several stages through one execution.
 """
 
@@ -34,6 +34,7 @@ from cluster.stage_store import (
     read_manifest,
     read_parts,
     remove_partial,
+    records_root,
     stage_dir,
     student_responses_dir,
 )
@@ -91,14 +92,17 @@ def stage_config_hash(
     batch sizes, timeouts) are left out."""
     (teacher_config,) = [t for t in config.models.teachers if t.name == teacher]
     judge = config.rewards.judge.model_dump(exclude={"timeout_s", "max_retries", "api_key_env"})
+    generation = config.generation.model_dump()
+    if config.loss.on_dataset_responses:  # nothing is sampled: only how the teacher's scores are stored counts
+        generation = {key: generation[key] for key in ("teacher_topk", "teacher_logprobs_dtype")}
     return _digest(
         {
             "schema_version": SCHEMA_VERSION,
-            "responses": "dataset" if config.loss.objective == "naive" else "generated",
+            "responses": "dataset" if config.loss.on_dataset_responses else "generated",
             "teacher": teacher_config.model_dump(exclude={"iteration_weight"}),
             "mask_ratio": round(mask_ratio, 6),
             "stage_index": stage_index,
-            "generation": config.generation.model_dump(),
+            "generation": generation,
             "use_accuracy": config.rewards.use_accuracy,
             "judge": judge if config.rewards.use_accuracy else None,
             "data": config.data.model_dump(),
@@ -106,6 +110,17 @@ def stage_config_hash(
             "student_responses": student_hash,
         }
     )
+
+
+def stage_records(config: MastersConfig, stage: Stage, train_ids: Sequence[str], run_dir: str | Path) -> tuple[str, Path]:
+    """The config hash and directory of `stage`'s records: named by what produced them, so runs sharing a
+    records root share a stage exactly when they would generate it alike (`jobs/ablate.py --dry-run` lists them)."""
+    student_hash = None
+    if not config.loss.on_dataset_responses and config.generation.group_student:
+        student_hash = student_config_hash(config, train_ids)
+    question_ids = [train_ids[i] for i in stage.question_indices]
+    config_hash = stage_config_hash(config, stage.teacher, stage.mask_ratio, stage.teacher_stage, question_ids, student_hash)
+    return config_hash, stage_dir(records_root(config, run_dir), stage.teacher, stage.teacher_stage, config_hash)
 
 
 def judge_target(config: MastersConfig) -> tuple[str | None, str | None]:
@@ -183,10 +198,11 @@ def _with_samples(dataset, config: MastersConfig, address: ServiceAddress, n: in
 def generate_student_responses(
     config: MastersConfig, samples: Sequence[VQASample], run_dir: str | Path, address: ServiceAddress, processor
 ) -> StepResult:
-    """The initial student's `student_responses` per question, once per run, in `runs/<name>/student_responses/`."""
+    """The initial student's `student_responses` per question of the run's train split, once, in
+    `<records>/student_responses/<hash>/`."""
     question_ids = _check_unique(samples)
-    directory = student_responses_dir(run_dir)
     config_hash = student_config_hash(config, question_ids)
+    directory = student_responses_dir(records_root(config, run_dir), config_hash)
     if is_complete(directory, config_hash):
         return StepResult(directory, read_manifest(directory), skipped=True)
     remove_partial(directory)
@@ -207,11 +223,13 @@ def generate_student_responses(
     return StepResult(directory, manifest, skipped=False, execution_stats=dataset.stats())
 
 
-def _student_groups(run_dir: str | Path, config: MastersConfig, question_ids: list[str]) -> tuple[dict[str, list[dict]], str]:
-    """The first `group_student` stored student responses of each question, and the store's config hash."""
-    directory = student_responses_dir(run_dir)
-    manifest = read_manifest(directory)
-    if manifest is None:
+def _student_groups(
+    config: MastersConfig, run_dir: str | Path, train_ids: list[str], question_ids: list[str]
+) -> dict[str, list[dict]]:
+    """The first `group_student` stored student responses of each question."""
+    config_hash = student_config_hash(config, train_ids)
+    directory = student_responses_dir(records_root(config, run_dir), config_hash)
+    if not is_complete(directory, config_hash):
         raise FileNotFoundError(
             f"{str(directory)!r} has no finished student responses; run generate_student_responses first"
         )
@@ -228,7 +246,7 @@ def _student_groups(run_dir: str | Path, config: MastersConfig, question_ids: li
             f"{len(missing)} stage questions have no stored student responses (e.g. {sorted(missing)[:3]}); "
             "generate them for every question of the run"
         )
-    return groups, manifest["config_hash"]
+    return groups
 
 
 # --------------------------------------------------------------------------- one stage
@@ -252,7 +270,7 @@ def run_stage(
     address: ServiceAddress,
     processor,
 ) -> StepResult:
-    """Produce (or find) the records of `stage` in `runs/<name>/stages/<teacher>/<k>/`."""
+    """Produce (or find) the records of `stage` in `<records>/stages/<teacher>/<k>-<hash>/`."""
     (result,) = run_stages(config, [stage], train_samples, run_dir, address, processor)
     return result
 
@@ -289,9 +307,10 @@ def run_stages(
     skipped; anything else of it is removed and redone from the start.
     """
     generation = config.generation
-    naive = config.loss.objective == "naive"
+    naive = config.loss.on_dataset_responses
     results: dict[str, StepResult] = {}
     pending: dict[tuple[str, int], _PendingStage] = {}
+    train_ids = [sample.id for sample in train_samples]
     for stage in stages:
         samples = stage_samples(stage, train_samples)
         question_ids = _check_unique(samples)
@@ -299,25 +318,23 @@ def run_stages(
         if teacher not in [t.name for t in config.models.teachers]:
             raise ValueError(f"stage teacher {teacher!r} is not in models.teachers ({[t.name for t in config.models.teachers]})")
         students: dict[str, list[dict]] = {}
-        student_hash = None
         if not naive and generation.group_student:
-            students, student_hash = _student_groups(run_dir, config, question_ids)
-        directory = stage_dir(run_dir, teacher, stage_index)
-        config_hash = stage_config_hash(config, teacher, mask_ratio, stage_index, question_ids, student_hash)
+            students = _student_groups(config, run_dir, train_ids, question_ids)
+        config_hash, directory = stage_records(config, stage, train_ids, run_dir)
         if is_complete(directory, config_hash):
-            logger.info("stage %s is complete; skipping", stage.stage_id)
+            logger.info("stage %s is complete in %s; skipping", stage.stage_id, directory)
             results[stage.stage_id] = StepResult(directory, read_manifest(directory), skipped=True)
             if on_stage_done:
                 on_stage_done(stage, results[stage.stage_id])
             continue
         if read_manifest(directory) is not None:
-            logger.warning("stage %s was written under another config or is damaged; redoing it", stage.stage_id)
+            logger.warning("stage %s is damaged; redoing it", stage.stage_id)
         remove_partial(directory)
         rows = _question_rows(samples, processor, teacher, mask_ratio, stage_index, stage.model_id)
-        if naive:  # the dataset answer, ending as the model's own answers do
-            answers = answer_token_ids(processor, [sample.answer for sample in samples])
-            for row, sample, token_ids in zip(rows, samples, answers):
-                row["responses"] = [{"source": "dataset", "text": sample.answer, "token_ids": token_ids}]
+        if naive:  # the dataset's reference response, ending as the model's own responses do
+            responses = answer_token_ids(processor, [sample.response for sample in samples])
+            for row, sample, token_ids in zip(rows, samples, responses):
+                row["responses"] = [{"source": "dataset", "text": sample.response, "token_ids": token_ids}]
         else:
             for row, sample in zip(rows, samples):
                 row["responses"] = students.get(sample.id, [])

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from masters.config import MastersConfig
 from masters.io import atomic_directory, atomic_write_json
 from masters.records import ROWS_PER_ROW_GROUP, SCHEMA_VERSION, check_schema
 
@@ -27,14 +28,20 @@ MANIFEST = "manifest.json"
 ROWS_PER_FILE = 256
 
 
-def stage_dir(run_dir: str | Path, teacher: str, stage_index: int) -> Path:
-    """`runs/<name>/stages/<teacher>/<k>/`."""
-    return Path(run_dir) / "stages" / teacher / str(stage_index)
+def records_root(config: MastersConfig, run_dir: str | Path) -> Path:
+    """Where a run's records live: `records_path` when set (shared between runs), else the run directory."""
+    return Path(config.records_path) if config.records_path is not None else Path(run_dir)
 
 
-def student_responses_dir(run_dir: str | Path) -> Path:
-    """`runs/<name>/student_responses/`: the initial student's responses, generated once per run."""
-    return Path(run_dir) / "student_responses"
+def stage_dir(root: str | Path, teacher: str, stage_index: int, config_hash: str) -> Path:
+    """`<root>/stages/<teacher>/<k>-<hash>/`: named by what produced the records (`stage_config_hash`), so
+    runs sharing a root share a stage exactly when they would generate it alike."""
+    return Path(root) / "stages" / teacher / f"{stage_index}-{config_hash}"
+
+
+def student_responses_dir(root: str | Path, config_hash: str) -> Path:
+    """`<root>/student_responses/<hash>/`: the initial student's responses (`student_config_hash`)."""
+    return Path(root) / "student_responses" / config_hash
 
 
 def read_manifest(directory: str | Path) -> dict | None:

@@ -365,13 +365,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         for step in range(first_step, stage.steps):
             started = time.perf_counter()
             micro_batches = plan.worker_micro_batches(step, rank)
+            # Every logged step also measures how the loss terms pull the student (full objective).
+            diagnose = (step + 1) % config.logging.log_every_steps == 0
             sums: dict[str, float] = {}
             for index, questions in enumerate(micro_batches):
                 batch = collate_records(table.records(questions), family).to(device, pixel_dtype)
                 last = index == len(micro_batches) - 1
                 with strategy.sync_context(last):  # DDP reads it in forward and backward
                     with strategy.forward_context():
-                        output = student_loss(strategy.model, reference, batch, config.loss, config.rewards, vocab_size)
+                        output = student_loss(
+                            strategy.model, reference, batch, config.loss, config.rewards, vocab_size, diagnose=diagnose
+                        )
                     strategy.backward(output.loss)
                 for name, value in step_metrics(output, batch).items():
                     sums[name] = sums.get(name, 0.0) + value

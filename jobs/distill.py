@@ -8,6 +8,7 @@ Hugging Face format, writes report.md with plots and prints the accuracy table.
 
     python jobs/distill.py                                  # the embedded default
     python jobs/distill.py --config configs/X.yaml --set train.lr=1e-5
+    python jobs/distill.py --config configs/default.yaml --config configs/ablations/naive.yaml   # layered
     python jobs/distill.py --dry-run                        # the plan and the resources, nothing started
     ray job submit --working-dir . -- python jobs/distill.py --config configs/X.yaml
 
@@ -49,7 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Every config field is documented in masters/config.py; `--print-config` shows them all resolved.",
     )
     parser.add_argument(
-        "--config", type=Path, help="YAML run config (default: configs/default.yaml, the embedded default on the tiny zoo)"
+        "--config",
+        type=Path,
+        action="append",
+        help="YAML run config (default: configs/default.yaml, the embedded default on the tiny zoo); repeat to "
+        "layer files, each overriding the ones before, e.g. --config configs/default.yaml --config configs/ablations/naive.yaml",
     )
     parser.add_argument(
         "--set",
@@ -94,17 +99,40 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    connect_ray(args.address)
+    test_results = distill(config, plan, run_dir, model_paths)
+    print()
+    print(format_accuracy_table(test_results))
+    print(f"\nstudent: {run_dir / 'student'}\nreport:  {run_dir / 'report.md'}")
+    ray.shutdown()
+    return 0
+
+
+def distill(
+    config: MastersConfig,
+    plan: list[Stage],
+    run_dir: Path,
+    model_paths: dict[str, Path],
+    *,
+    reference: dict[str, dict] | None = None,
+) -> dict[str, dict]:
+    """Steps 3-6 on a connected Ray cluster: serve, generate, train stage by stage, evaluate, report.
+
+    Returns the test rows (`as_row`) of the reference models and the final student. `reference`, when
+    given, are those rows of the initial student and the teachers already measured on this test split,
+    and the teacher service is already serving every model id the plan needs (jobs/ablate.py runs many
+    plans against one service); otherwise this run starts the service and measures them itself.
+    """
     from cluster.evaluation import evaluate_models
     from cluster.pipeline import generate_student_responses
     from cluster.responses import ServiceAddress
-    from cluster.stage_store import read_manifest, stage_dir
+    from cluster.stage_store import read_manifest
     from cluster.train import RecordsGate, TrainingStage, train_curriculum
     from masters.report import write_report
     from masters.tracking import MetricsLogger, read_metrics
     from serve.app import start as start_teacher_service
     from serve.levels import STUDENT, Catalog
 
-    connect_ray(args.address)
     metrics = MetricsLogger(run_dir, config.name, config.logging, config.model_dump(mode="json"))
     train_samples = load_samples(config, "train", config.data.train_size)
     processor = AutoProcessor.from_pretrained(model_paths[STUDENT])
@@ -116,24 +144,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. The teacher service: every teacher at every level of its schedule, plus the initial student.
     address = ServiceAddress()  # Serve handles: no HTTP hop inside the cluster
-    if pending:
+    if pending and reference is None:
         base_url = start_teacher_service(config, model_paths)
         logger.info("teacher service at %s; model ids %s", base_url, ", ".join(Catalog.from_config(config).model_ids))
 
     # Reference accuracies: the initial student and the teachers, once per run.
-    baseline = cached_json(run_dir / "eval" / "baseline_test.json")
-    if baseline is None:
-        logger.info("evaluating the initial student and the teachers on the test split")
-        baseline = evaluate_models(
-            config,
-            {"initial student": model_paths[STUDENT], **{t.name: model_paths[t.name] for t in config.models.teachers}},
-            "test",
-            config.data.test_size,
-        )
-        save_json(run_dir / "eval" / "baseline_test.json", baseline)
+    if reference is None:
+        baseline = cached_json(run_dir / "eval" / "baseline_test.json")
+        if baseline is None:
+            logger.info("evaluating the initial student and the teachers on the test split")
+            baseline = evaluate_models(
+                config,
+                {"initial student": model_paths[STUDENT], **{t.name: model_paths[t.name] for t in config.models.teachers}},
+                "test",
+                config.data.test_size,
+            )
+            save_json(run_dir / "eval" / "baseline_test.json", baseline)
+        reference = {name: as_row(report) for name, report in baseline.items()}
 
     # 4. The student's own responses, generated once from its initial weights.
-    if pending and config.loss.objective != "naive" and config.generation.group_student > 0:
+    if pending and not config.loss.on_dataset_responses and config.generation.group_student > 0:
         generate_student_responses(config, train_samples, run_dir, address, processor)
 
     # 5. The curriculum. Records never depend on the student being trained (its responses are fixed),
@@ -143,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     student_dir = current_student(run_dir, state, model_paths[STUDENT])
     if pending:
         records_gate = RecordsGate.remote()
-        generation = start_thread("generate", generate_stages, config, pending, train_samples, run_dir, address, processor, records_gate)
+        records_dirs: dict[str, Path] = {}  # stage id -> its records, filled as the generation thread hands them over
+        generation = start_thread(
+            "generate", generate_stages, config, pending, train_samples, run_dir, address, processor, records_gate, records_dirs
+        )
         training = start_thread(
             "train",
             train_curriculum,
@@ -158,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in pending:
             trained = wait_for_stage(stage, run_dir, generation, training)
             val = evaluate_models(config, {"student": trained.student_dir}, "val", config.data.val_size)["student"]
-            stage_summary = summarize_stage(stage, trained, read_manifest(stage_dir(run_dir, stage.teacher, stage.teacher_stage)), val)
+            stage_summary = summarize_stage(stage, trained, read_manifest(records_dirs[stage.stage_id]), val)
             metrics.log("stage", **stage_summary)
             for step_metrics in trained.metrics:
                 metrics.log("train_step", stage_id=stage.stage_id, **step_metrics)
@@ -170,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         training.result()
 
-    # 6. The final student, its test accuracy next to the teachers', the report.
+    # 6. The final student, its test accuracy next to the reference models', the report.
     final_dir = publish_student(student_dir, run_dir / "student")
     final = evaluate_models(config, {"final student": final_dir}, "test", config.data.test_size)
-    test_results = {name: as_row(report) for name, report in {**baseline, **final}.items()}
+    test_results = {**reference, **{name: as_row(report) for name, report in final.items()}}
+    save_json(run_dir / "eval" / "final_test.json", final)
     metrics.log("final", **{f"test_accuracy/{name}": row["overall"] for name, row in test_results.items()})
     families = sorted({family for row in test_results.values() for family in row["per_family"]})
     write_report(
@@ -186,11 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         dump_config(config),
     )
     metrics.close()
-    print()
-    print(format_accuracy_table(test_results))
-    print(f"\nstudent: {final_dir}\nreport:  {run_dir / 'report.md'}")
-    ray.shutdown()
-    return 0
+    return test_results
 
 
 # --------------------------------------------------------------------------- the steps above, spelled out
@@ -325,8 +355,11 @@ def start_thread(name: str, function, *args, **kwargs) -> Future:
     return future
 
 
-def generate_stages(config: MastersConfig, stages: list[Stage], train_samples, run_dir: Path, address, processor, records_gate) -> None:
-    """Generate (or find) the stages' records in one pipeline, handing each to the trainer as it is written."""
+def generate_stages(
+    config: MastersConfig, stages: list[Stage], train_samples, run_dir: Path, address, processor, records_gate, records_dirs: dict
+) -> None:
+    """Generate (or find) the stages' records in one pipeline, handing each to the trainer (and noting its
+    directory in `records_dirs`) as it is written."""
     from cluster.pipeline import run_stages
 
     def hand_over(stage: Stage, records) -> None:
@@ -338,6 +371,7 @@ def generate_stages(config: MastersConfig, stages: list[Stage], train_samples, r
             records.directory,
             " (already generated)" if records.skipped else "",
         )
+        records_dirs[stage.stage_id] = Path(records.directory)
         records_gate.ready.remote(stage.stage_id, str(Path(records.directory).resolve()))
 
     try:

@@ -1,7 +1,7 @@
 """Look at what a stage of the generation and reward pipeline produced.
 
-    python jobs/inspect_stage.py runs/default/stages/teacher-l/0
-    python jobs/inspect_stage.py runs/default/stages/teacher-l/0 --samples 5 --png stage.png
+    python jobs/inspect_stage.py runs/default/stages/teacher-l/0-*
+    python jobs/inspect_stage.py runs/default/stages/teacher-l/0-* --samples 5 --png stage.png
 
 Prints the manifest (counts, judge calls, dropped groups), text histograms of the rewards, response
 lengths and the teacher's log-prob of the response tokens, and a few sample groups. `--png` also
@@ -136,13 +136,13 @@ def save_png(series: dict[str, list[float]], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage_dir", type=Path, help="a stage directory, runs/<name>/stages/<teacher>/<k>")
+    parser.add_argument("stage_dir", type=Path, help="a stage directory, runs/<name>/stages/<teacher>/<k>-<hash>")
     parser.add_argument("--samples", type=int, default=3, help="sample groups to print (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="which sample groups (default 0)")
     parser.add_argument("--png", type=Path, help="also draw the histograms into this PNG file")
     args = parser.parse_args(argv)
     if not args.stage_dir.is_dir():
-        parser.error(f"stage_dir {str(args.stage_dir)!r} is not a directory; pass runs/<name>/stages/<teacher>/<k>")
+        parser.error(f"stage_dir {str(args.stage_dir)!r} is not a directory; pass runs/<name>/stages/<teacher>/<k>-<hash>")
     if args.samples < 0:
         parser.error("--samples must be >= 0")
     series = print_report(args.stage_dir, args.samples, args.seed)

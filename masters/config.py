@@ -9,6 +9,7 @@ before anything (Ray included) starts.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -181,16 +182,23 @@ class RewardConfig(_Section):
 
 
 class LossConfig(_Section):
-    objective: Literal["naive", "mask_progressive", "full"] = Field(
+    objective: Literal["sft", "naive", "mask_progressive", "full"] = Field(
         "full",
-        description="naive: JSD on dataset answers from the unmasked teacher; mask_progressive: JSD on generated "
-        "responses under the mask schedule; full: + GRPO with rewards (Masters).",
+        description="sft: next-token loss on the dataset answers (the supervised baseline, no teacher); naive: JSD "
+        "on dataset answers from the unmasked teacher; mask_progressive: JSD on generated responses under the mask "
+        "schedule; full: + GRPO with rewards (Masters).",
     )
     grpo_weight: float = Field(1.0, ge=0, description="Weight of L_GRPO (paper: 1).")
     jsd_weight: float = Field(1.0, ge=0, description="Weight of L_JSD (paper: 1).")
     kl_beta: float = Field(0.1, ge=0, description="β of the k3 KL to the frozen initial student (paper: 0.1).")
     advantage_eps: float = Field(1e-4, gt=0, description="ε in A = (R - mean) / (std + ε).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the JSD.")
+
+    @property
+    def on_dataset_responses(self) -> bool:
+        """sft and naive train on the dataset's answers (one per question), the others on sampled responses."""
+        return self.objective in ("sft", "naive")
+
     chunk_tokens: int | None = Field(
         1024,
         ge=1,
@@ -292,6 +300,14 @@ class MastersConfig(_Section):
     storage_path: str = Field(
         "runs", description="Directory of the runs; on a cluster, a read-write file system every node mounts at this path."
     )
+    records_path: str | None = Field(
+        None,
+        description=(
+            "Where stage records and the initial student's responses are written; None = inside the run directory. "
+            "A record's directory is named by what produced it, so runs given the same records_path share every "
+            "record their configs would generate alike (jobs/ablate.py points all rungs of a ladder at one)."
+        ),
+    )
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -322,11 +338,11 @@ class MastersConfig(_Section):
         return storage_path
 
     @model_validator(mode="after")
-    def _naive_is_unmasked(self) -> MastersConfig:
-        if self.loss.objective == "naive" and self.mask.max_mask_ratio != 0:
+    def _dataset_responses_are_unmasked(self) -> MastersConfig:
+        if self.loss.on_dataset_responses and self.mask.max_mask_ratio != 0:
             raise ValueError(
-                "loss.objective 'naive' trains on the unmasked teacher: set mask.max_mask_ratio=0 "
-                "(or choose loss.objective=mask_progressive|full)"
+                f"loss.objective {self.loss.objective!r} trains on the dataset answers, scored by the unmasked "
+                "teacher: set mask.max_mask_ratio=0 (or choose loss.objective=mask_progressive|full)"
             )
         return self
 
@@ -384,6 +400,8 @@ def relative_paths(config: MastersConfig) -> dict[str, str]:
     which is only the user's directory when the driver runs where they typed the command.
     """
     paths = {"storage_path": config.storage_path, "models.zoo_dir": config.models.zoo_dir}
+    if config.records_path is not None:
+        paths["records_path"] = config.records_path
     if config.data.dataset != "suite":
         paths["data.dataset"] = config.data.dataset
     for index, teacher in enumerate(config.models.teachers):
@@ -392,11 +410,22 @@ def relative_paths(config: MastersConfig) -> dict[str, str]:
     return {field: path for field, path in paths.items() if not path.startswith("zoo:") and not Path(path).is_absolute()}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MastersConfig:
-    """The run config from an optional YAML file plus `section.field=value` overrides."""
-    raw = read_yaml_mapping(path, "config file") if path is not None else {}
-    raw = _deep_merge(raw, parse_overrides(overrides or []))
-    return validate_config(raw)
+def load_config(
+    paths: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None
+) -> MastersConfig:
+    """The run config from YAML files, each overriding the ones before it, plus `section.field=value` overrides.
+
+    Layering is how an ablation is written: `--config configs/default.yaml --config configs/ablations/naive.yaml`
+    is the embedded default with the naive objective (a list, such as `models.teachers`, is replaced whole).
+    """
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict[str, Any] = {}
+    for path in paths:
+        raw = _deep_merge(raw, read_yaml_mapping(path, "config file"))
+    return validate_config(_deep_merge(raw, parse_overrides(overrides or [])))
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:

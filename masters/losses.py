@@ -80,6 +80,10 @@ class MastersLossOutput:
     distill_reward: torch.Tensor | None = None  # [B], None when rewards.use_distill is off
     reward: torch.Tensor | None = None  # [B] R
     advantages: torch.Tensor | None = None  # [B] A_j
+    # The weighted terms whose sum is `loss`, still differentiable (full only): what
+    # `masters.student_step.term_gradients` compares.
+    terms: dict[str, torch.Tensor] | None = None
+    term_gradients: dict[str, float] | None = None  # set by student_loss(diagnose=True)
 
     def metrics(self) -> dict[str, float]:
         """Scalars for the logger (one device sync per value)."""
@@ -94,7 +98,7 @@ class MastersLossOutput:
             "reward": None if self.reward is None else self.reward.mean(),
             "advantage_abs": None if self.advantages is None else self.advantages.abs().mean(),
         }
-        return {name: float(value) for name, value in values.items() if value is not None}
+        return {name: float(value) for name, value in values.items() if value is not None} | (self.term_gradients or {})
 
 
 def _truncate_vocab(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
@@ -259,6 +263,7 @@ def masters_loss(
 ) -> MastersLossOutput:
     """The loss of ``config.objective``.
 
+    * ``sft``: the mean next-token loss −log π(target) over the response tokens (the JSD is only reported).
     * ``naive`` / ``mask_progressive``: ``jsd_weight · L_JSD`` (no rewards, no reference).
     * ``full``: ``grpo_weight · L_GRPO + jsd_weight · L_JSD`` with R = R_acc + R_distill, where
       R_distill comes from the same forward pass, detached, normalised within each group.
@@ -278,7 +283,7 @@ def masters_loss(
         mask, topk_jsd(student_logits, teacher_ids, teacher_logprobs, config.temperature, vocab_size), 0.0
     )
     logprobs = None
-    if config.objective == "full":
+    if config.objective in ("full", "sft"):
         logprobs = token_logprobs(student_logits, batch.target_ids, mask, vocab_size)
     return _loss_from_token_terms(token_jsd, logprobs, batch, config, reward_config, ref_logprobs)
 
@@ -296,6 +301,8 @@ def _loss_from_token_terms(
     mask = batch.response_mask.bool()
     jsd_loss = token_jsd.sum() / mask.sum()
     divergence = response_divergence(token_jsd.detach(), mask)
+    if config.objective == "sft":
+        return MastersLossOutput(loss=-logprobs.sum() / mask.sum(), jsd=jsd_loss.detach(), divergence=divergence)
     if config.objective != "full":
         return MastersLossOutput(loss=config.jsd_weight * jsd_loss, jsd=jsd_loss.detach(), divergence=divergence)
 
@@ -316,8 +323,10 @@ def _loss_from_token_terms(
         distill = distill_reward(grouped_divergence, reward_config.normalize_distill, group_mask)[group, slot]
 
     grpo_loss, mean_kl = policy_loss(logprobs, advantages, mask, ref_logprobs, config.kl_beta)
+    terms = {"grpo": config.grpo_weight * grpo_loss, "jsd": config.jsd_weight * jsd_loss}
     return MastersLossOutput(
-        loss=config.grpo_weight * grpo_loss + config.jsd_weight * jsd_loss,
+        loss=terms["grpo"] + terms["jsd"],
+        terms=terms,
         jsd=jsd_loss.detach(),
         divergence=divergence,
         grpo=grpo_loss.detach(),
@@ -453,7 +462,7 @@ def chunked_masters_loss(
     _check_shapes(tuple(hidden_states.shape[:2]), batch, ref_logprobs, "hidden states")
     _check_objective_inputs(batch, config, ref_logprobs)
     mask = batch.response_mask.bool()
-    with_logprobs = config.objective == "full"
+    with_logprobs = config.objective in ("full", "sft")
     targets, teacher_ids = batch.target_ids[mask], batch.teacher_topk_ids[mask]
     if (width := _head_width(head, vocab_size)) is not None:
         _check_ids(teacher_ids, width, "teacher_topk_ids")

@@ -109,8 +109,13 @@ def student_loss(
     loss_config: LossConfig,
     reward_config: RewardConfig,
     vocab_size: int,
+    *,
+    diagnose: bool = False,
 ) -> MastersLossOutput:
     """The Masters loss of `batch` (`reference` is required exactly when :func:`needs_reference`).
+
+    `diagnose`: for the full objective, also measure how its terms pull the student (:func:`term_gradients`),
+    at the price of two more backward passes through the loss (not through the model).
 
     `loss_config.chunk_tokens`: response tokens (over the whole micro-batch) whose logits exist at once,
     in the student's loss and in the reference's log-probs; None materialises all [B, T, V] logits (same
@@ -130,7 +135,10 @@ def student_loss(
                 ref_logprobs = token_logprobs(ref_logits, targets.target_ids, targets.response_mask, vocab_size)
             del ref_logits
         logits = response_logits(student, batch)
-        return masters_loss(logits, targets, loss_config, reward_config, ref_logprobs, vocab_size)
+        output = masters_loss(logits, targets, loss_config, reward_config, ref_logprobs, vocab_size)
+        if diagnose and output.terms is not None:
+            output.term_gradients = term_gradients(output.terms, logits)
+        return output
 
     ref_logprobs = None
     if reference is not None:
@@ -141,15 +149,41 @@ def student_loss(
             )
         del hidden
     hidden, head = response_hidden_states(student, batch)
-    return chunked_masters_loss(
+    output = chunked_masters_loss(
         hidden, head, targets, loss_config, reward_config, ref_logprobs, vocab_size, chunk_tokens=chunk_tokens
     )
+    if diagnose and output.terms is not None:
+        output.term_gradients = term_gradients(output.terms, hidden)
+    return output
+
+
+def term_gradients(terms: dict[str, torch.Tensor], at: torch.Tensor) -> dict[str, float]:
+    """Gradient norms of the weighted GRPO and JSD terms at `at` (the student's final hidden states, or
+    its logits for the unchunked loss) and the cosine between the two gradients: which term drives an
+    update, and whether they pull the same way (cosine < 0: against each other)."""
+    grpo, jsd = (
+        torch.autograd.grad(terms[name], at, retain_graph=True)[0].flatten().double() for name in ("grpo", "jsd")
+    )
+    grpo_norm, jsd_norm = grpo.norm(), jsd.norm()
+    cosine = (grpo @ jsd) / (grpo_norm * jsd_norm).clamp_min(1e-30)
+    return {"grad_norm_grpo": float(grpo_norm), "grad_norm_jsd": float(jsd_norm), "grad_cosine_grpo_jsd": float(cosine)}
 
 
 def step_metrics(output: MastersLossOutput, batch: ResponseBatch) -> dict[str, float]:
     """Logged scalars of one micro-batch: every loss term, mean R_acc (also for JSD-only objectives),
-    mean D, KL, and the number of response tokens."""
+    mean D, KL, the number of response tokens, and the correlation of R_distill with response length."""
     metrics = output.metrics()
     metrics.setdefault("accuracy_reward", float(batch.targets.accuracy_reward.mean()))
     metrics["tokens"] = float(batch.num_response_tokens)
+    if output.distill_reward is not None:
+        # Does R_distill rank responses by what they say, or by how long they are?
+        lengths = batch.targets.response_mask.sum(dim=1).to(output.distill_reward.dtype)
+        metrics["distill_reward_length_corr"] = _correlation(output.distill_reward, lengths)
     return metrics
+
+
+def _correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation; 0 when either side is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    scale = float(x.norm() * y.norm())
+    return float(x @ y) / scale if scale > 0 else 0.0

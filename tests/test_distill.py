@@ -485,7 +485,9 @@ def stage_records_equal(run_a: Path, run_b: Path, stage_id: str) -> bool:
     import pyarrow.parquet as pq
 
     def rows(run_dir: Path) -> list[dict]:
-        parts = sorted((run_dir / "stages" / stage_id).glob("*.parquet"))
+        teacher, k = stage_id.split("/")
+        (directory,) = (run_dir / "stages" / teacher).glob(f"{k}-*")  # one record per stage in a run's own store
+        parts = sorted(directory.glob("*.parquet"))
         return sorted((row for part in parts for row in pq.read_table(part).to_pylist()), key=lambda r: r["question_id"])
 
     return rows(run_a) == rows(run_b)

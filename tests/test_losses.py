@@ -24,7 +24,7 @@ from masters.losses import (
 )
 from masters.models import load_model
 from masters.rewards import grpo_advantages, reverse_min_max
-from masters.student_step import needs_reference, student_loss
+from masters.student_step import needs_reference, step_metrics, student_loss
 from masters.tiny_vlms import ARCHITECTURES
 
 
@@ -274,6 +274,20 @@ def test_jsd_only_objectives_need_no_rewards_or_reference():
         assert set(out.metrics()) == {"loss", "jsd", "divergence"}
 
 
+def test_sft_objective_is_the_mean_next_token_loss_of_the_responses():
+    generator = torch.Generator().manual_seed(11)
+    batch, logits = random_batch(generator)
+    batch.group_index = batch.accuracy_reward = None  # nothing of the rewards is needed
+    logits.requires_grad_(True)
+    out = masters_loss(logits, batch, LossConfig(objective="sft"), RewardConfig())
+    mask = batch.response_mask.bool()
+    expected = torch.nn.functional.cross_entropy(logits[mask], batch.target_ids[mask])
+    torch.testing.assert_close(out.loss, expected)
+    assert out.grpo is None and set(out.metrics()) == {"loss", "jsd", "divergence"}
+    out.loss.backward()
+    assert logits.grad[~mask].abs().max() == 0  # prompt and padding positions get no gradient
+
+
 def test_padding_garbage_is_ignored():
     generator = torch.Generator().manual_seed(11)
     batch, logits = random_batch(generator, student_vocab=13, vocab=11)
@@ -368,6 +382,7 @@ def test_training_a_tiny_student():
 
 # name → (config, whether the frozen reference's log-probs are passed)
 OBJECTIVES = {
+    "sft": (LossConfig(objective="sft"), False),
     "naive": (LossConfig(objective="naive", jsd_weight=0.5), False),
     "mask_progressive": (LossConfig(objective="mask_progressive"), False),
     "full": (LossConfig(), True),
@@ -578,3 +593,29 @@ def test_chunked_student_loss_on_every_family(architecture, tmp_path):
     records = synthetic_records(processor, num_questions=2, group_size=3, topk=8, seed=4)
     batch = collate_records(records, VLMFamily(student, processor))
     assert_same_student_loss(student, reference, batch, LossConfig(), len(processor.tokenizer), 5)
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 5])
+def test_term_gradients_split_the_loss_gradient_between_grpo_and_jsd(micro_case, chunk_tokens):
+    """The diagnostics of a logged step: each term's gradient at the loss's input (hidden states or logits);
+    diagnosing changes neither the loss nor the parameters' gradients."""
+    student, reference, batch, vocab = micro_case
+    config = LossConfig(chunk_tokens=chunk_tokens)
+    plain, plain_grads = student_loss_and_grads(student, reference, batch, config, vocab, chunk_tokens)
+    student.zero_grad(set_to_none=True)
+    out = student_loss(student, reference, batch, config, RewardConfig(), vocab, diagnose=True)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, plain.loss)
+    for name, param in student.named_parameters():
+        if name in plain_grads:
+            torch.testing.assert_close(param.grad, plain_grads[name], msg=name)
+    metrics = out.metrics()
+    assert metrics["grad_norm_grpo"] > 0 and metrics["grad_norm_jsd"] > 0
+    assert -1 <= metrics["grad_cosine_grpo_jsd"] <= 1
+    torch.testing.assert_close(out.terms["grpo"] + out.terms["jsd"], out.loss)
+    logged = step_metrics(out, batch)
+    lengths = batch.targets.response_mask.sum(dim=1).double()
+    expected = torch.corrcoef(torch.stack([out.distill_reward.double(), lengths]))[0, 1]
+    assert logged["distill_reward_length_corr"] == pytest.approx(float(expected))
+    jsd_only = student_loss(student, None, batch, LossConfig(objective="mask_progressive"), RewardConfig(), vocab, diagnose=True)
+    assert jsd_only.term_gradients is None  # only the full objective has two terms to compare

@@ -17,9 +17,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.judge import JudgeClient, JudgeError
-from cluster.pipeline import StageFailedError, generate_student_responses, run_stage, run_stages
+from cluster.pipeline import (
+    StageFailedError,
+    generate_student_responses,
+    run_stage,
+    run_stages,
+    stage_config_hash,
+    stage_records,
+    student_config_hash,
+)
 from cluster.responses import ServiceAddress
-from cluster.stage_store import MANIFEST, read_parts, stage_dir, student_responses_dir
+from cluster.stage_store import MANIFEST, read_parts, student_responses_dir
 from jobs import inspect_stage
 from masters.config import validate_config
 from masters.curriculum import plan_curriculum
@@ -306,10 +314,13 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     stage = plan[0]
     result = run_stage(config, stage, train, run_dir, address, service["processor"])
     assert not result.skipped
-    assert result.directory == stage_dir(run_dir, TEACHER, 0)
+    train_ids = [sample.id for sample in train]
+    assert result.directory == stage_records(config, stage, train_ids, run_dir)[1]
+    assert result.directory.parent == run_dir / "stages" / TEACHER and result.directory.name.startswith("0-")
     records = table_to_records(read_parts(result.directory))
     assert sorted(r.question_id for r in records) == sorted(train[i].id for i in stage.question_indices)
-    students = {row["question_id"]: row["responses"] for row in read_parts(student_responses_dir(run_dir)).to_pylist()}
+    assert student.directory == student_responses_dir(run_dir, student_config_hash(config, train_ids))
+    students = {row["question_id"]: row["responses"] for row in read_parts(student.directory).to_pylist()}
     for record in records:
         assert (record.teacher, record.mask_ratio, record.stage_index) == (TEACHER, pytest.approx(0.05), 0)
         assert "<image>" in record.prompt and record.prompt.endswith("<|assistant|>\n")
@@ -343,14 +354,14 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     assert again.skipped and _directory_state(result.directory) == before
 
     # A half-written stage: a crashed writer's temp sibling and a directory without a manifest.
-    crashed = result.directory.parent / ".0.abc123.tmp"
+    crashed = result.directory.parent / f".{result.directory.name}.abc123.tmp"
     crashed.mkdir()
     (crashed / "part-00000.parquet").write_bytes(b"half")
     (result.directory / MANIFEST).unlink()
     (result.directory / "part-00000.parquet").write_bytes(b"truncated")
     redone = run_stage(config, stage, train, run_dir, address, service["processor"])
     assert not redone.skipped
-    assert sorted(p.name for p in result.directory.parent.iterdir()) == ["0"]  # no temp leftovers
+    assert [p.name for p in result.directory.parent.iterdir()] == [result.directory.name]  # no temp leftovers
     assert len(table_to_records(read_parts(redone.directory))) == len(stage.question_indices)
     # Same seeds, same samples: the redone stage holds the same responses.
     assert [r.responses[0].token_ids for r in table_to_records(read_parts(redone.directory))] == [
@@ -374,12 +385,13 @@ def test_all_stages_in_one_pipeline(service, tmp_path):
     )  # fmt: skip
     assert sorted(reported) == [(stage.stage_id, False, True) for stage in plan]
     for stage, result in zip(plan, results):
-        assert result.directory == stage_dir(run_dir, TEACHER, stage.teacher_stage)
+        assert result.directory == stage_records(config, stage, [sample.id for sample in train], run_dir)[1]
         records = table_to_records(read_parts(result.directory))
         assert sorted(r.question_id for r in records) == sorted(train[i].id for i in stage.question_indices)
         assert all(r.mask_ratio == pytest.approx(stage.mask_ratio) and r.stage_index == stage.teacher_stage for r in records)
         assert result.manifest["model_id"] == stage.model_id
-    assert sorted(p.name for p in stage_dir(run_dir, TEACHER, 0).parent.iterdir()) == ["0", "1"]  # no temp leftovers
+    names = sorted(p.name for p in (run_dir / "stages" / TEACHER).iterdir())  # no temp leftovers
+    assert [name.split("-")[0] for name in names] == ["0", "1"]
 
     before = [_directory_state(result.directory) for result in results]
     reported.clear()
@@ -522,8 +534,7 @@ def test_a_killed_reward_actor_loses_and_doubles_no_question(service, tmp_path):
 
 def test_a_stage_is_identified_by_what_produced_it_not_by_the_loss_that_consumes_it():
     """mask_progressive and full train on the same records (an ablation ladder generates them once);
-    dataset answers (naive), another teacher level or other sampling are other records."""
-    from cluster.pipeline import stage_config_hash
+    dataset answers (naive, sft), another teacher level or other sampling are other records."""
 
     def identity(**overrides):
         return stage_config_hash(validate_config(overrides), "teacher-l", 0.0, 1, ["q1", "q2"], "students")
@@ -534,3 +545,6 @@ def test_a_stage_is_identified_by_what_produced_it_not_by_the_loss_that_consumes
     assert identity(loss={"objective": "naive"}, mask={"max_mask_ratio": 0.0}) != full
     assert identity(generation={"sampling": {"temperature": 0.7}}) != full
     assert identity(generation={"teacher_logprobs_dtype": "float32"}) != full
+    # sft and naive score the same dataset answers, and nothing is sampled for them: seeds do not matter.
+    naive = identity(loss={"objective": "naive"}, mask={"max_mask_ratio": 0.0})
+    assert identity(loss={"objective": "sft"}, mask={"max_mask_ratio": 0.0}, generation={"seed": 3}) == naive
