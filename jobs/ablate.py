@@ -25,11 +25,13 @@ from pathlib import Path
 
 from masters.ablation import (
     LadderConfig,
+    format_diagnostics,
     format_summary,
     ladder_dir,
     load_ladder,
     plot_summary,
     rung_config,
+    run_diagnostics,
     summarize,
 )
 from masters.config import ConfigError, MastersConfig, load_config
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.evaluation import evaluate_models
     from jobs.distill import cached_json
+    from masters.tracking import read_metrics
     from serve.app import start as start_teacher_service
     from serve.levels import STUDENT
 
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. The runs, seed by seed; finished runs are read back.
     results: dict[str, dict[int, dict]] = {rung: {} for rung in ladder.rungs}
+    diagnostics: dict[str, dict[int, dict]] = {rung: {} for rung in ladder.rungs}
     service_started = False
     for seed in ladder.seeds:
         for rung, file in ladder.rungs.items():
@@ -133,11 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("run %s (%d stages) in %s", config.name, len(plan), run_dir)
                 distill(config, plan, run_dir, model_paths, reference=reference)
             results[rung][seed] = accuracy_row(cached_json(run_dir / "eval" / "final_test.json")["final student"])
-            write_summary(directory, ladder, results, reference)
+            diagnostics[rung][seed] = run_diagnostics(read_metrics(run_dir, "train_step"))
+            write_summary(directory, ladder, results, diagnostics, reference)
 
-    summary = write_summary(directory, ladder, results, reference)
+    summary = write_summary(directory, ladder, results, diagnostics, reference)
     print()
     print(format_summary(summary, reference))
+    print()
+    print(format_diagnostics(diagnostics))
     print(f"\nladder: {directory} ({(time.perf_counter() - started) / 60:.1f} min)")
     ray.shutdown()
     return 0
@@ -241,19 +248,24 @@ def accuracy_row(report: dict) -> dict:
     return {**as_row(report), "top_answer_share": answers.most_common(1)[0][1] / len(report["predictions"])}
 
 
-def write_summary(directory: Path, ladder: LadderConfig, results: dict[str, dict[int, dict]], reference: dict) -> dict:
-    """summary.json (per-seed rows, means, intervals), summary.md and summary.png of the runs finished so far."""
+def write_summary(
+    directory: Path, ladder: LadderConfig, results: dict[str, dict[int, dict]], diagnostics: dict[str, dict[int, dict]], reference: dict
+) -> dict:
+    """summary.json (per-seed rows, means, intervals, diagnostics), summary.md and summary.png of the runs finished so far."""
     finished = {rung: by_seed for rung, by_seed in results.items() if by_seed}
     summary = summarize(finished)
     atomic_write_json(
         directory / "summary.json",
-        {"ladder": ladder.model_dump(), "reference": reference, "results": finished, "summary": summary},
+        {"ladder": ladder.model_dump(), "reference": reference, "results": finished, "summary": summary, "diagnostics": diagnostics},
     )
     atomic_write_text(
         directory / "summary.md",
         f"# Ablation ladder {ladder.name}\n\nTest accuracy (%), mean ± 95% interval over seeds.\n\n"
         + format_summary(summary, reference)
-        + "\n\n![ladder](summary.png)\n",
+        + "\n\n![ladder](summary.png)\n\nThe full objective's diagnostics (means over logged steps and seeds; "
+        "docs/objective.md):\n\n"
+        + format_diagnostics(diagnostics)
+        + "\n",
     )
     plot_summary(summary, {k: v for k, v in reference.items() if k != "initial student"}, directory / "summary.png")
     return summary

@@ -99,19 +99,20 @@ def run_name(rung: str, seed: int) -> str:
 
 
 def rung_config(ladder: LadderConfig, rung: str, seed: int, overrides: list[str] | None = None) -> MastersConfig:
-    """The run config of `rung` at `seed`: base ⊕ rung file ⊕ the ladder's paths and seeds ⊕ `overrides`."""
+    """The run config of `rung` at `seed`: base ⊕ rung file ⊕ `overrides` ⊕ the ladder's name, paths and seeds."""
     base = load_config(ladder.base, overrides)
     directory = ladder_dir(ladder, base)
     files = [ladder.base] + ([ladder.rungs[rung]] if ladder.rungs[rung] else [])
+    # The ladder's own settings come last: `overrides` set the base's storage_path, not the runs'.
     return load_config(
         files,
         [
+            *(overrides or []),
             f"name={run_name(rung, seed)}",
             f"storage_path={directory / 'runs'}",
             f"records_path={directory / 'records'}",
             f"generation.seed={seed}",
             f"train.seed={seed}",
-            *(overrides or []),
         ],
     )
 
@@ -146,6 +147,36 @@ def summarize(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
             },
         }
     return summary
+
+
+# What the trainer logs about the full objective (masters.student_step), averaged per run.
+DIAGNOSTICS = ("grad_norm_grpo", "grad_norm_jsd", "grad_cosine_grpo_jsd", "distill_reward_length_corr")
+
+
+def run_diagnostics(train_steps: list[dict]) -> dict[str, float]:
+    """Means of the full objective's diagnostics over a run's logged steps, and the share of those steps
+    whose GRPO and JSD gradients point against each other (empty for the other objectives)."""
+    out = {}
+    for name in DIAGNOSTICS:
+        values = [step[name] for step in train_steps if name in step]
+        if values:
+            out[name] = statistics.fmean(values)
+    cosines = [step["grad_cosine_grpo_jsd"] for step in train_steps if "grad_cosine_grpo_jsd" in step]
+    if cosines:
+        out["opposed_share"] = sum(c < 0 for c in cosines) / len(cosines)
+    return out
+
+
+def format_diagnostics(diagnostics: dict[str, dict[int, dict]]) -> str:
+    """A Markdown table of the rungs' diagnostics, averaged over seeds (rungs without any are left out)."""
+    names = [*DIAGNOSTICS, "opposed_share"]
+    lines = ["| rung | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for rung, by_seed in diagnostics.items():
+        rows = [row for row in by_seed.values() if row]
+        if rows:
+            cells = [f"{statistics.fmean(r[n] for r in rows if n in r):.3g}" if any(n in r for r in rows) else "–" for n in names]
+            lines.append(f"| {rung} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_summary(summary: dict[str, dict], reference: dict[str, dict] | None = None) -> str:

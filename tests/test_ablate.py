@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from cluster.stage_store import read_parts
 from jobs import ablate
-from masters.ablation import format_summary, load_ladder, rung_config, summarize, t_interval
+from masters.ablation import format_summary, load_ladder, run_diagnostics, rung_config, summarize, t_interval
 from masters.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,8 @@ def test_summary_per_rung_and_family():
 
 def test_rungs_are_overrides_of_the_base(tmp_path):
     ladder = load_ladder(LADDER)
+    moved = rung_config(ladder, "naive", seed=2, overrides=["storage_path=/mnt/runs", "train.seed=9"])
+    assert Path(moved.storage_path) == Path("/mnt/runs/ladder/runs") and moved.train.seed == 2
     naive = rung_config(ladder, "naive", seed=2)
     default = load_config(ROOT / "configs" / "default.yaml")
     assert naive.train.lr == default.train.lr  # the rung inherits the embedded default's learning rate
@@ -176,6 +178,10 @@ def test_summary_intervals_come_from_the_seeds(micro_ladder):
     assert set(summary["results"]) == {"initial", "mask_progressive", "full"}
     for rung, by_seed in summary["results"].items():
         values = [by_seed[seed]["overall"] for seed in ("0", "1")]
+        if rung != "initial":  # each seed's value is that run's own final evaluation
+            finals = [json.loads((micro_ladder / "runs" / f"{rung}-seed{seed}" / "eval" / "final_test.json").read_text())
+                      for seed in (0, 1)]  # fmt: skip
+            assert values == [final["final student"]["accuracy"] for final in finals]
         row = summary["summary"][rung]["overall"]
         assert row["values"] == values
         assert row["mean"] == pytest.approx(statistics.fmean(values))
@@ -183,4 +189,20 @@ def test_summary_intervals_come_from_the_seeds(micro_ladder):
     initial = summary["reference"]["initial student"]["overall"]
     assert summary["summary"]["initial"]["overall"] == {"mean": initial, "half_width": 0.0, "values": [initial, initial]}
     assert "| mask_progressive | 2 |" in (micro_ladder / "summary.md").read_text()
+    # The full objective's diagnostics come from its runs' logged steps; the JSD-only rung has none.
+    assert summary["diagnostics"]["mask_progressive"]["0"] == {}
+    full = summary["diagnostics"]["full"]["0"]
+    assert full["grad_norm_grpo"] > 0 and full["grad_norm_jsd"] > 0 and 0 <= full["opposed_share"] <= 1
     assert (micro_ladder / "summary.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_run_diagnostics_average_the_logged_steps():
+    steps = [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "grad_norm_grpo": 2.0, "grad_norm_jsd": 1.0, "grad_cosine_grpo_jsd": -0.5, "distill_reward_length_corr": 0.2},
+        {"step": 3, "grad_norm_grpo": 4.0, "grad_norm_jsd": 3.0, "grad_cosine_grpo_jsd": 0.1, "distill_reward_length_corr": 0.4},
+    ]
+    assert run_diagnostics(steps) == pytest.approx(
+        {"grad_norm_grpo": 3.0, "grad_norm_jsd": 2.0, "grad_cosine_grpo_jsd": -0.2, "distill_reward_length_corr": 0.3, "opposed_share": 0.5}
+    )
+    assert run_diagnostics([{"step": 1, "loss": 1.0}]) == {}
