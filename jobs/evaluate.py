@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="Number of samples (families round-robin).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the generated split.")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=48, help="Response length limit (the suite's rationale, then the answer)."
+    )
     parser.add_argument("--numeric-tolerance", type=float, default=1e-6, help="Relative tolerance of the rule judge.")
     parser.add_argument("--out", default=None, help="Write the reports (with every prediction) to this JSON file.")
     parser.add_argument("--zoo-dir", default=".cache/zoo", help="Where zoo: models are cached.")
