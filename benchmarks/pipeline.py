@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/pipeline.py --questions 64  # a quick look
 
 Both sides do the same work with the micro model (briefly trained on the suite, so its samples are
-answers) as teacher and student: `teacher_responses` = 8 samples of 16 tokens per question from the
-teacher at mask ratio 0.1, the first 4 joined with 4 stored student responses, the teacher's top-64
+answers) as teacher and student: `group_teacher` = 4 samples of 16 tokens per question from the
+teacher at mask ratio 0.1, joined with 4 stored student responses, the teacher's top-64
 log-probs on every response token, rule-based R_acc, and Parquet output. The baseline runs the same
 engine code (`serve.engine.TransformersEngine`) in this process, one engine batch after another; the
 pipeline runs `cluster.pipeline.run_stage` against the Serve app (two replicas per model) with two
@@ -126,7 +126,7 @@ def stage_records(engine, config, rows: list[dict], times: dict[str, float]):
                 (
                     prompt,
                     Sampling(
-                        n=generation.teacher_responses,
+                        n=generation.group_teacher,
                         max_tokens=sampling.max_new_tokens,
                         temperature=sampling.temperature,
                         top_p=sampling.top_p,
@@ -140,7 +140,7 @@ def stage_records(engine, config, rows: list[dict], times: dict[str, float]):
         )
         times["generate"] += time.perf_counter() - clock
         groups = [
-            [{"source": "teacher", "text": c.text, "token_ids": c.token_ids} for c in sampled[: generation.group_teacher]]
+            [{"source": "teacher", "text": c.text, "token_ids": c.token_ids} for c in sampled]
             + row["responses"]
             for sampled, row in zip(completions, chunk)
         ]
@@ -364,7 +364,7 @@ def main() -> None:
 
     from cluster.pipeline import generate_student_responses, run_stage
     from cluster.responses import ServiceAddress
-    from cluster.stage_store import read_parts, student_responses_dir
+    from cluster.stage_store import read_parts
     from masters.data import make_split
     from masters.models import load_model
     from serve.app import start
@@ -385,10 +385,10 @@ def main() -> None:
         start(config, {TEACHER: model_dir, "student": model_dir})
         deploy_s = time.perf_counter() - clock
         clock = time.perf_counter()
-        generate_student_responses(config, samples, run_dir, ServiceAddress(), processor)
+        students = generate_student_responses(config, samples, run_dir, ServiceAddress(), processor)
         student_s = time.perf_counter() - clock
-        stored = read_parts(student_responses_dir(run_dir)).to_pylist()
-        student_groups = {row["question_id"]: row["responses"][: config.generation.group_student] for row in stored}
+        stored = read_parts(students.directory).to_pylist()
+        student_groups = {row["question_id"]: row["responses"] for row in stored}
 
         with CpuByRole() as cpu:
             clock = time.perf_counter()
@@ -414,7 +414,7 @@ def main() -> None:
 
     groups = args.questions
     print(f"\nstage of {groups} questions, groups of {config.generation.group_size} "
-          f"({config.generation.teacher_responses} teacher samples each), top-k {config.generation.teacher_topk}, "
+          f"({config.generation.group_teacher} teacher samples each), top-k {config.generation.teacher_topk}, "
           f"{platform.node()} with {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"(not timed: Serve deploy {deploy_s:.1f}s, student responses {student_s:.1f}s)\n")
     print(f"{'path':34s} {'seconds':>9s} {'groups/s':>9s} {'ratio':>7s}")

@@ -1,7 +1,7 @@
 """The generation and reward pipeline of the curriculum's stages (design.md, steps 3-4), on Ray Data.
 
-    stage questions ──► sample the teacher at the stage's level (`teacher_responses` each)
-        ──► groups: `group_teacher` teacher + `group_student` student responses (stored once per run)
+    stage questions ──► sample the teacher at the stage's level (`group_teacher` each)
+        ──► groups: those + `group_student` student responses (generated once per run)
         ──► reward actor pool: R_acc (rule or LLM judge) + the teacher's top-k log-probs per token
         ──► driver: exactly-once check, Parquet parts + manifest, renamed into `stages/<teacher>/<k>/`
 
@@ -75,7 +75,7 @@ def student_config_hash(config: MastersConfig, question_ids: Sequence[str]) -> s
         {
             "schema_version": SCHEMA_VERSION,
             "student": config.models.student,
-            "responses": generation.student_responses,
+            "responses": generation.group_student,
             "sampling": generation.sampling.model_dump(),
             "seed": generation.seed,
             "data": config.data.model_dump(),
@@ -183,22 +183,22 @@ class StepResult:
     execution_stats: str = ""  # Ray Data's per-operator summary of the run that wrote it
 
 
-def _with_samples(dataset, config: MastersConfig, address: ServiceAddress, n: int, keep: int, source: str):
-    """Add `keep` of `n` sampled responses per question from `source`'s model (Ray tasks, a few in flight)."""
+def _with_samples(dataset, config: MastersConfig, address: ServiceAddress, n: int, source: str):
+    """Add `n` sampled responses per question from `source`'s model (Ray tasks, a few in flight)."""
     return dataset.map_batches(
         sample_responses,
         batch_format="pyarrow",
         batch_size=config.serve.max_batch_size,
         compute=TaskPoolStrategy(size=SAMPLING_TASKS),
         num_cpus=SAMPLING_TASK_CPUS,
-        fn_kwargs={"address": address, "config": config, "n": n, "keep": keep, "source": source},
+        fn_kwargs={"address": address, "config": config, "n": n, "source": source},
     )
 
 
 def generate_student_responses(
     config: MastersConfig, samples: Sequence[VQASample], run_dir: str | Path, address: ServiceAddress, processor
 ) -> StepResult:
-    """The initial student's `student_responses` per question of the run's train split, once, in
+    """The initial student's `group_student` responses per question of the run's train split, once, in
     `<records>/student_responses/<hash>/`."""
     question_ids = _check_unique(samples)
     config_hash = student_config_hash(config, question_ids)
@@ -208,8 +208,7 @@ def generate_student_responses(
     remove_partial(directory)
     rows = _question_rows(samples, processor, teacher="", mask_ratio=0.0, stage_index=-1, model=STUDENT)
     dataset = _with_samples(
-        _dataset(rows, config), config, address, n=config.generation.student_responses,
-        keep=config.generation.student_responses, source="student",
+        _dataset(rows, config), config, address, n=config.generation.group_student, source="student"
     )
     with PartWriter(directory, STUDENT_SCHEMA, kind="student_responses") as writer:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -218,7 +217,7 @@ def generate_student_responses(
             question_ids,
             config_hash=config_hash,
             model=STUDENT,
-            counts={"questions": len(question_ids), "responses": len(question_ids) * config.generation.student_responses},
+            counts={"questions": len(question_ids), "responses": len(question_ids) * config.generation.group_student},
         )
     return StepResult(directory, manifest, skipped=False, execution_stats=dataset.stats())
 
@@ -226,7 +225,7 @@ def generate_student_responses(
 def _student_groups(
     config: MastersConfig, run_dir: str | Path, train_ids: list[str], question_ids: list[str]
 ) -> dict[str, list[dict]]:
-    """The first `group_student` stored student responses of each question."""
+    """The stored student responses of each question."""
     config_hash = student_config_hash(config, train_ids)
     directory = student_responses_dir(records_root(config, run_dir), config_hash)
     if not is_complete(directory, config_hash):
@@ -236,7 +235,7 @@ def _student_groups(
     table = read_parts(directory)
     wanted = set(question_ids)
     groups = {
-        row["question_id"]: row["responses"][: config.generation.group_student]
+        row["question_id"]: row["responses"]
         for row in table.to_pylist()
         if row["question_id"] in wanted
     }
@@ -345,7 +344,7 @@ def run_stages(
     dataset = _dataset([row for item in pending.values() for row in item.rows], config)
     if not naive and generation.group_teacher:
         dataset = _with_samples(
-            dataset, config, address, n=generation.teacher_responses, keep=generation.group_teacher, source="teacher"
+            dataset, config, address, n=generation.group_teacher, source="teacher"
         )
     judge_endpoint, judge_model = judge_target(config)
     dataset = dataset.map_batches(

@@ -205,9 +205,9 @@ def request_seed(base_seed: int, model: str, question_id: str) -> int:
 
 
 def sample_responses(
-    batch: pa.Table, address: ServiceAddress, config: MastersConfig, n: int, keep: int, source: str
+    batch: pa.Table, address: ServiceAddress, config: MastersConfig, n: int, source: str
 ) -> pa.Table:
-    """Ask `model_id` for `n` samples per question and put the first `keep` in front of the group."""
+    """Ask `model_id` for `n` samples per question and put them in front of the group."""
     rows = batch.to_pylist()
     requests = [
         ChatCompletionRequest(
@@ -223,7 +223,7 @@ def sample_responses(
     for row, reply in zip(rows, replies, strict=True):
         if len(reply.choices) != n:
             raise RuntimeError(f"{row['model_id']} returned {len(reply.choices)} choices for n={n}")
-        sampled = [{"source": source, "text": c.message.content, "token_ids": c.token_ids} for c in reply.choices[:keep]]
+        sampled = [{"source": source, "text": c.message.content, "token_ids": c.token_ids} for c in reply.choices]
         row["responses"] = sampled + row["responses"]
     return pa.Table.from_pylist(rows, schema=DRAFT_SCHEMA)
 

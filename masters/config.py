@@ -112,10 +112,18 @@ class SamplingConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    teacher_responses: int = Field(8, ge=1, description="Responses each masked teacher level samples per question (paper).")
-    student_responses: int = Field(8, ge=0, description="Responses the initial student pre-generates per question.")
-    group_teacher: int = Field(4, ge=0, description="Teacher responses in a training group (paper: 4 of G=8).")
-    group_student: int = Field(4, ge=0, description="Student responses in a training group (paper: 4 of G=8).")
+    group_teacher: int = Field(
+        4,
+        ge=0,
+        description="Teacher responses in a training group (paper: 4 of G=8); each masked teacher level samples exactly "
+        "these per question: a response no group uses is not generated.",
+    )
+    group_student: int = Field(
+        4,
+        ge=0,
+        description="Student responses in a training group (paper: 4 of G=8); the initial student pre-generates exactly "
+        "these per question.",
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     seed: int = Field(0, description="Base seed; each request's seed is derived from it and the question id.")
     teacher_topk: int = Field(
@@ -134,16 +142,6 @@ class GenerationConfig(_Section):
     def _group_fits(self) -> GenerationConfig:
         if self.group_teacher + self.group_student < 1:
             raise ValueError("generation.group_teacher + generation.group_student must be at least 1")
-        if self.group_teacher > self.teacher_responses:
-            raise ValueError(
-                f"generation.group_teacher ({self.group_teacher}) cannot exceed "
-                f"generation.teacher_responses ({self.teacher_responses})"
-            )
-        if self.group_student > self.student_responses:
-            raise ValueError(
-                f"generation.group_student ({self.group_student}) cannot exceed "
-                f"generation.student_responses ({self.student_responses})"
-            )
         return self
 
     @property

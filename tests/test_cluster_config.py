@@ -183,7 +183,6 @@ def test_recipe_keeps_the_paper_values(path):
     # The paper's chain: a mid-size teacher, then the large one (14B -> 38B, or 14B -> 38B -> 78B);
     # a family with no mid size (Qwen3-VL dense) runs its one teacher.
     assert 1 <= len(config.models.teachers) <= 3
-    assert config.generation.teacher_responses == 8
     assert (config.generation.group_teacher, config.generation.group_student) == (4, 4)
     assert config.generation.teacher_topk == 64
     assert config.rewards.judge.kind == "llm"
@@ -219,7 +218,7 @@ def test_recipe_fits_the_cluster(path, cluster_name):
 
     # The service must accept what the pipeline asks for.
     assert serve.max_tokens_limit >= config.generation.sampling.max_new_tokens
-    assert serve.max_n >= max(config.generation.teacher_responses, config.generation.student_responses)
+    assert serve.max_n >= max(config.generation.group_teacher, config.generation.group_student)
 
     # Nothing is downloaded at run time: models and data are paths on storage every node mounts.
     for path_on_node in [t.model for t in config.models.teachers] + [config.models.student, config.data.dataset]:

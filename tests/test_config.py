@@ -6,7 +6,7 @@ from masters.config import ConfigError, MastersConfig, dump_config, load_config,
 def test_defaults_are_the_method_values():
     config = MastersConfig()
     assert config.mask.ratios == [0.2, 0.15, 0.1, 0.05, 0.0]
-    assert config.generation.teacher_responses == 8
+    assert (config.generation.group_teacher, config.generation.group_student) == (4, 4)
     assert config.generation.group_size == 8
     assert config.loss.kl_beta == 0.1
     assert (config.generation.sampling.temperature, config.generation.sampling.top_p) == (1.0, 0.9)
@@ -22,7 +22,8 @@ def test_defaults_are_the_method_values():
         (["train.strategy=fsdp"], "train.strategy: Input should be 'ddp', 'fsdp2' or 'deepspeed' (got 'fsdp')"),
         (["mask.max_mask_ratio=0.23"], "must be a whole multiple of mask.mask_step"),
         (["mask.max_mask_ratio=1.5"], "mask.max_mask_ratio: Input should be less than 1"),
-        (["generation.group_teacher=9"], "group_teacher (9) cannot exceed generation.teacher_responses (8)"),
+        (["generation.group_teacher=0", "generation.group_student=0"], "group_teacher + generation.group_student must be at least 1"),
+        (["generation.teacher_responses=8"], "generation.teacher_responses: unknown field"),
         (["loss.objective=naive"], "set mask.max_mask_ratio=0"),
         (["serve.min_replicas=1"], "must be set together"),
         (["models.teachers=[]"], "needs at least one teacher"),

@@ -130,8 +130,6 @@ def _config(tmp_path, port: int, model_dir, **sections):
         "models": {"teachers": [{"name": TEACHER, "model": str(model_dir)}], "student": str(model_dir)},
         "mask": {"max_mask_ratio": 0.05, "mask_step": 0.05},
         "generation": {
-            "teacher_responses": 3,
-            "student_responses": 2,
             "group_teacher": 2,
             "group_student": 2,
             "teacher_topk": 8,
@@ -431,7 +429,7 @@ def _llm_config(tmp_path, service, script: str, on_failure: str, **sections):
         service["model_dir"],
         rewards={"judge": {**judge, "max_retries": 1}},
         # Teacher-only groups: these tests need no student responses.
-        generation={"group_student": 0, "student_responses": 0},
+        generation={"group_student": 0},
         **sections,
     )
 
