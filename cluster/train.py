@@ -365,16 +365,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         for step in range(first_step, stage.steps):
             started = time.perf_counter()
             micro_batches = plan.worker_micro_batches(step, rank)
-            # Every logged step also measures how the loss terms pull the student (full objective).
-            diagnose = (step + 1) % config.logging.log_every_steps == 0
+            done = step + 1 == stage.steps
+            periodic = train.checkpoint_every_steps and (step + 1) % train.checkpoint_every_steps == 0
+            logged = done or periodic or (step + 1) % config.logging.log_every_steps == 0
             sums: dict[str, float] = {}
             for index, questions in enumerate(micro_batches):
                 batch = collate_records(table.records(questions), family).to(device, pixel_dtype)
                 last = index == len(micro_batches) - 1
                 with strategy.sync_context(last):  # DDP reads it in forward and backward
                     with strategy.forward_context():
+                        # A step that is reported also measures how the loss terms pull the student.
                         output = student_loss(
-                            strategy.model, reference, batch, config.loss, config.rewards, vocab_size, diagnose=diagnose
+                            strategy.model, reference, batch, config.loss, config.rewards, vocab_size, diagnose=logged
                         )
                     strategy.backward(output.loss)
                 for name, value in step_metrics(output, batch).items():
@@ -388,11 +390,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                            tokens_per_s=metrics["tokens"] / seconds)  # fmt: skip
             stage_metrics.append(metrics)
 
-            done = step + 1 == stage.steps
-            periodic = train.checkpoint_every_steps and (step + 1) % train.checkpoint_every_steps == 0
             if done or periodic:
                 report(metrics, stage, stage_metrics, final=done)
-            elif (step + 1) % config.logging.log_every_steps == 0:
+            elif logged:
                 ray.train.report(metrics)
 
 
