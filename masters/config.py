@@ -100,7 +100,8 @@ class MaskConfig(_Section):
     @property
     def ratios(self) -> list[float]:
         """Stage k uses r_max - k*s, rounded so ids like `teacher-l@0.15` are stable; the last is 0."""
-        return [round(self.max_mask_ratio - k * self.mask_step, 6) for k in range(self.num_stages)]
+        # + 0.0 turns the -0.0 that float rounding leaves at the end (0.3 - 6 × 0.05) into 0.0 ("@0", not "@-0").
+        return [round(self.max_mask_ratio - k * self.mask_step, 6) + 0.0 for k in range(self.num_stages)]
 
 
 class SamplingConfig(_Section):

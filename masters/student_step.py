@@ -114,8 +114,9 @@ def student_loss(
 ) -> MastersLossOutput:
     """The Masters loss of `batch` (`reference` is required exactly when :func:`needs_reference`).
 
-    `diagnose`: for the full objective, also measure how its terms pull the student (:func:`term_gradients`),
-    at the price of two more backward passes through the loss (not through the model).
+    `diagnose`: for the full objective, also measure how its terms pull the student (:func:`term_gradients`)
+    on a detached copy of the loss's input, at the price of one more forward and two backward passes
+    through the loss (not through the model); the training step is untouched.
 
     `loss_config.chunk_tokens`: response tokens (over the whole micro-batch) whose logits exist at once,
     in the student's loss and in the reference's log-probs; None materialises all [B, T, V] logits (same
@@ -137,7 +138,10 @@ def student_loss(
         logits = response_logits(student, batch)
         output = masters_loss(logits, targets, loss_config, reward_config, ref_logprobs, vocab_size)
         if diagnose and output.terms is not None:
-            output.term_gradients = term_gradients(output.terms, logits)
+            # On a detached copy: the training graph (and DDP's hooks on it) never sees the probe.
+            probe = logits.detach().requires_grad_()
+            terms = masters_loss(probe, targets, loss_config, reward_config, ref_logprobs, vocab_size).terms
+            output.term_gradients = term_gradients(terms, probe)
         return output
 
     ref_logprobs = None
@@ -153,7 +157,12 @@ def student_loss(
         hidden, head, targets, loss_config, reward_config, ref_logprobs, vocab_size, chunk_tokens=chunk_tokens
     )
     if diagnose and output.terms is not None:
-        output.term_gradients = term_gradients(output.terms, hidden)
+        # On a detached copy: the training graph (and DDP's hooks on it) never sees the probe.
+        probe = hidden.detach().requires_grad_()
+        terms = chunked_masters_loss(
+            probe, head, targets, loss_config, reward_config, ref_logprobs, vocab_size, chunk_tokens=chunk_tokens
+        ).terms
+        output.term_gradients = term_gradients(terms, probe)
     return output
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from ray_processes import VENV_BIN, free_ports, run_environment, stop_process_group
 from safetensors.torch import load_file
 
@@ -115,6 +116,18 @@ def test_dry_run_lists_runs_and_shared_records(capsys, monkeypatch):
     for seed in (0, 1, 2):
         assert f"mask_progressive-seed{seed} + full_large-seed{seed}" in out
     assert "46 stage records generated for 66 stage trainings" in out
+
+
+LADDERS = sorted(path for path in LADDER.parent.glob("*.yaml") if "rungs" in yaml.safe_load(path.read_text()))
+
+
+@pytest.mark.parametrize("ladder", LADDERS, ids=lambda p: p.name)
+def test_every_shipped_ladder_dry_runs(ladder, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("the runner started Ray"))
+    assert ablate.main(["--ladder", str(ladder), "--dry-run"]) == 0
+    assert "stage records generated" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- slow: a micro ladder, for real

@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY_CLUSTER = ROOT / "ray_cluster.yaml"
 RAYJOB = ROOT / "deploy" / "kuberay-rayjob.yaml"
 # Run configs; configs/zoo/ holds zoo configs (masters.zoo.ZooConfig), tested in test_zoo.py.
-CONFIGS = sorted(path for path in (ROOT / "configs").rglob("*.yaml") if "zoo" not in path.relative_to(ROOT / "configs").parts[:-1])
+# Run configs: everything under configs/ but the zoo configs and the ablation ladders (files with `rungs`).
+LADDERS = sorted(path for path in (ROOT / "configs" / "ablations").glob("*.yaml") if "rungs" in yaml.safe_load(path.read_text()))
+CONFIGS = sorted(
+    path
+    for path in (ROOT / "configs").rglob("*.yaml")
+    if "zoo" not in path.relative_to(ROOT / "configs").parts[:-1] and path not in LADDERS
+)
 # Real-model recipes: the top-level configs that serve with vLLM (ablations run on the embedded default).
 RECIPES = [path for path in sorted((ROOT / "configs").glob("*.yaml")) if load_config(path).serve.engine == "vllm"]
 PART_RESOURCES = {"teacher_node", "trainer_node", "reward_node"}
@@ -162,6 +168,16 @@ def test_rayjob_cluster_places_each_part_and_exposes_serve():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_loads(path):
     assert isinstance(load_config(path), MastersConfig)
+
+
+@pytest.mark.parametrize("path", LADDERS, ids=lambda p: p.name)
+def test_every_ladder_resolves_every_rung(path):
+    from masters.ablation import load_ladder, rung_config
+
+    ladder = load_ladder(path)
+    for rung, file in ladder.rungs.items():
+        if file is not None:
+            assert isinstance(rung_config(ladder, rung, ladder.seeds[0]), MastersConfig)
 
 
 def test_config_names_are_unique():

@@ -43,6 +43,14 @@ def test_duplicate_teacher_names_rejected():
         load_config(None, ["models.teachers=[{name: t, model: zoo:teacher-l}, {name: t, model: zoo:teacher-m}]"])
 
 
+@pytest.mark.parametrize("max_mask_ratio", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+def test_every_schedule_ends_at_a_plain_zero(max_mask_ratio):
+    from masters.config import ratio_label
+
+    ratios = load_config(None, [f"mask.max_mask_ratio={max_mask_ratio}"]).mask.ratios
+    assert [ratio_label(r) for r in ratios][-1] == "0" and all(not ratio_label(r).startswith("-") for r in ratios)
+
+
 def test_yaml_file_and_overrides_merge(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("name: ablation\ntrain:\n  lr: 0.001\n  strategy: fsdp2\n")

@@ -74,7 +74,7 @@ def no_ray_init(monkeypatch):
 def test_dry_run_prints_plan_and_resources(driver, no_ray_init, capsys):
     assert driver.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    config = MastersConfig()
+    config = load_config(driver.EMBEDDED_DEFAULT)
     plan = plan_curriculum(config, config.data.train_size)
     assert f"{len(plan)} stages, {sum(s.optimizer_steps for s in plan)} optimizer steps" in out
     for stage in plan:
@@ -143,22 +143,30 @@ def test_the_embedded_default_is_the_method_on_the_zoo_with_a_tiny_model_learnin
     from masters.config import MastersConfig
 
     embedded = load_config(ROOT / "configs" / "default.yaml")
-    assert embedded.train.lr > MastersConfig().train.lr  # 1e-6 leaves a 0.4M student unchanged in 130 updates
-    assert embedded.model_copy(update={"train": MastersConfig().train}) == MastersConfig()
+    method = MastersConfig()
+    assert embedded.train.lr > method.train.lr  # 1e-6 leaves a 0.4M student unchanged in a few hundred updates
+    assert embedded.train.epochs == 2 and embedded.generation.sampling.max_new_tokens == 48  # rationale, then answer
+    # Nothing else differs from the method's defaults.
+    assert embedded.train.model_copy(update={"lr": method.train.lr, "epochs": 1}) == method.train
+    assert embedded.generation.sampling.model_copy(update={"max_new_tokens": 16}) == method.generation.sampling
+    assert embedded.model_copy(update={"train": method.train, "generation": method.generation}) == method
 
 
-def is_zoo_config(path: Path) -> bool:
-    """Zoo configs (jobs/build_zoo.py) live in configs/zoo/; everything else in configs/ is a run config."""
+def is_run_config(path: Path) -> bool:
+    """Zoo configs (jobs/build_zoo.py) live in configs/zoo/, ablation ladders (jobs/ablate.py) hold `rungs`;
+    everything else in configs/ is a run config."""
     relative = path.relative_to(ROOT / "configs")
-    return relative.parts[0] == "zoo" or path.name.startswith("zoo")
+    return relative.parts[0] != "zoo" and "rungs" not in yaml.safe_load(path.read_text())
 
 
-RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not is_zoo_config(p))
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if is_run_config(p))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in RUN_CONFIGS])
 def test_dry_run_accepts_every_shipped_config(driver, no_ray_init, capsys, path):
-    assert driver.main(["--config", str(path), "--dry-run"]) == 0
+    # An ablation is an override of the embedded default, run layered on it.
+    layers = [str(driver.EMBEDDED_DEFAULT)] if path.parent.name == "ablations" else []
+    assert driver.main([arg for layer in [*layers, str(path)] for arg in ("--config", layer)] + ["--dry-run"]) == 0
     assert "optimizer steps" in capsys.readouterr().out
 
 

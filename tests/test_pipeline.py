@@ -405,15 +405,17 @@ def test_naive_objective_scores_dataset_answers_with_the_unmasked_teacher(servic
     )
     plan, train = _stage_inputs(config)
     (stage,) = plan
-    # No student responses are needed: the naive group is the dataset answer alone.
+    # No student responses are needed: the naive group is the dataset's reference response alone.
     result = run_stage(config, stage, train, tmp_path / "pipe", ServiceAddress(), service["processor"])
     records = table_to_records(read_parts(result.directory))
     assert len(records) == QUESTIONS
     eos = service["processor"].tokenizer.eos_token_id
+    references = {sample.id: sample.response for sample in train}
     for record in records:
         assert record.mask_ratio == 0.0
         (response,) = record.responses
-        assert (response.source, response.text, response.accuracy_reward) == ("dataset", record.answer, 1.0)
+        assert (response.source, response.text) == ("dataset", references[record.question_id])
+        assert response.text.endswith(f"answer: {record.answer}") and response.accuracy_reward == 1.0
         assert response.token_ids[-1] == eos and len(response.teacher_topk_ids) == len(response.token_ids)
     assert result.manifest["model_id"] == f"{TEACHER}@0"
 
