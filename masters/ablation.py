@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from masters.config import ConfigError, MastersConfig, format_validation_error, load_config, read_yaml_mapping
 
-INITIAL = "initial"  # the conventional name of the rung that only evaluates the initial student
 
 # Two-sided 95% quantiles of Student's t with 1..30 degrees of freedom (beyond 30 the normal 1.96 is within 2%).
 _T975 = (

@@ -102,6 +102,22 @@ def test_unknown_rung_and_incomparable_rungs_fail_before_ray(tmp_path, capsys, m
     assert "changes data" in capsys.readouterr().err
 
 
+def test_a_ladder_no_single_service_covers_fails_before_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("the runner started Ray"))
+    (tmp_path / "large_03.yaml").write_text(
+        "models:\n  teachers:\n    - {name: teacher-l, model: zoo:teacher-l}\nmask:\n  max_mask_ratio: 0.3\n"
+    )
+    (tmp_path / "mid.yaml").write_text("models:\n  teachers:\n    - {name: teacher-m, model: zoo:teacher-m}\n")
+    (tmp_path / "ladder.yaml").write_text(
+        f"name: x\nbase: {ROOT / 'configs' / 'default.yaml'}\nrungs:\n  a: large_03.yaml\n  b: mid.yaml\n"
+    )
+    assert ablate.main(["--ladder", str(tmp_path / "ladder.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "no rung serves every teacher level" in err and "teacher-l@0.3" in err
+
+
 def test_dry_run_lists_runs_and_shared_records(capsys, monkeypatch):
     import ray
 

@@ -140,8 +140,6 @@ def test_print_config_round_trips(driver, no_ray_init, capsys, tmp_path, monkeyp
 
 
 def test_the_embedded_default_is_the_method_on_the_zoo_with_a_tiny_model_learning_rate():
-    from masters.config import MastersConfig
-
     embedded = load_config(ROOT / "configs" / "default.yaml")
     method = MastersConfig()
     assert embedded.train.lr > method.train.lr  # 1e-6 leaves a 0.4M student unchanged in a few hundred updates
