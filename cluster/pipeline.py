@@ -3,7 +3,7 @@
     stage questions ──► sample the teacher at the stage's level (`group_teacher` each)
         ──► groups: those + `group_student` student responses (generated once per run)
         ──► reward actor pool: R_acc (rule or LLM judge) + the teacher's top-k log-probs per token
-        ──► driver: exactly-once check, Parquet parts + manifest, renamed into `stages/<teacher>/<k>/`
+        ──► driver: exactly-once check, Parquet parts + manifest, renamed into `stages/<teacher>/<k>-<hash>/`
 
 The teacher service is reached through a Serve handle inside the cluster or over HTTP; what runs in
 the Ray workers (sampling tasks, reward actors) lives in `cluster.responses`. The naive
