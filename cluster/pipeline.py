@@ -222,30 +222,15 @@ def generate_student_responses(
     return StepResult(directory, manifest, skipped=False, execution_stats=dataset.stats())
 
 
-def _student_groups(
-    config: MastersConfig, run_dir: str | Path, train_ids: list[str], question_ids: list[str]
-) -> dict[str, list[dict]]:
-    """The stored student responses of each question."""
+def _stored_student_responses(config: MastersConfig, run_dir: str | Path, train_ids: list[str]) -> dict[str, list[dict]]:
+    """The stored student responses of every question of the run, by question id."""
     config_hash = student_config_hash(config, train_ids)
     directory = student_responses_dir(records_root(config, run_dir), config_hash)
     if not is_complete(directory, config_hash):
         raise FileNotFoundError(
             f"{str(directory)!r} has no finished student responses; run generate_student_responses first"
         )
-    table = read_parts(directory)
-    wanted = set(question_ids)
-    groups = {
-        row["question_id"]: row["responses"]
-        for row in table.to_pylist()
-        if row["question_id"] in wanted
-    }
-    missing = wanted - groups.keys()
-    if missing:
-        raise ValueError(
-            f"{len(missing)} stage questions have no stored student responses (e.g. {sorted(missing)[:3]}); "
-            "generate them for every question of the run"
-        )
-    return groups
+    return {row["question_id"]: row["responses"] for row in read_parts(directory).to_pylist()}
 
 
 # --------------------------------------------------------------------------- one stage
@@ -310,15 +295,13 @@ def run_stages(
     results: dict[str, StepResult] = {}
     pending: dict[tuple[str, int], _PendingStage] = {}
     train_ids = [sample.id for sample in train_samples]
+    students: dict[str, list[dict]] | None = None
     for stage in stages:
         samples = stage_samples(stage, train_samples)
         question_ids = _check_unique(samples)
         teacher, mask_ratio, stage_index = stage.teacher, stage.mask_ratio, stage.teacher_stage
         if teacher not in [t.name for t in config.models.teachers]:
             raise ValueError(f"stage teacher {teacher!r} is not in models.teachers ({[t.name for t in config.models.teachers]})")
-        students: dict[str, list[dict]] = {}
-        if not naive and generation.group_student:
-            students = _student_groups(config, run_dir, train_ids, question_ids)
         config_hash, directory = stage_records(config, stage, train_ids, run_dir)
         if is_complete(directory, config_hash):
             logger.info("stage %s is complete in %s; skipping", stage.stage_id, directory)
@@ -334,9 +317,17 @@ def run_stages(
             responses = answer_token_ids(processor, [sample.response for sample in samples])
             for row, sample, token_ids in zip(rows, samples, responses):
                 row["responses"] = [{"source": "dataset", "text": sample.response, "token_ids": token_ids}]
-        else:
+        elif generation.group_student:
+            if students is None:  # read once, and only when a stage is generated
+                students = _stored_student_responses(config, run_dir, train_ids)
+            missing = [qid for qid in question_ids if qid not in students]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} stage questions have no stored student responses (e.g. {missing[:3]}); "
+                    "generate them for every question of the run"
+                )
             for row, sample in zip(rows, samples):
-                row["responses"] = students.get(sample.id, [])
+                row["responses"] = students[sample.id]
         pending[(teacher, stage_index)] = _PendingStage(stage, question_ids, directory, config_hash, rows)
     if not pending:
         return [results[stage.stage_id] for stage in stages]
