@@ -42,7 +42,7 @@ from PIL import Image  # noqa: E402
 from masters.batching import ResponseBatch, collate_records  # noqa: E402
 from masters.config import LossConfig, RewardConfig  # noqa: E402
 from masters.families import VLMFamily  # noqa: E402
-from masters.models import MICRO, build_model, build_processor, build_prompt, train_tokenizer  # noqa: E402
+from masters.models import MICRO, build_model, build_processor, train_tokenizer  # noqa: E402
 from masters.records import Response, StageRecord  # noqa: E402
 from masters.student_step import needs_reference, response_hidden_states, student_loss  # noqa: E402
 
@@ -92,7 +92,7 @@ def synthetic_batch(processor, family: VLMFamily, tokens: int, vocab: int, seed:
             )
         )
     question = "How many red shapes are in the picture?"
-    record = StageRecord("q0", "bench", png.getvalue(), question, build_prompt(processor, question), "3", "teacher-l",
+    record = StageRecord("q0", "bench", png.getvalue(), question, "3", "teacher-l",
                          0.1, 1, responses)  # fmt: skip
     return collate_records([record], family)
 

@@ -5,12 +5,11 @@
 
 Both sides do the same work with the micro model (briefly trained on the suite, so its samples are
 answers) as teacher and student: `group_teacher` = 4 samples of 16 tokens per question from the
-teacher at mask ratio 0.1, joined with 4 stored student responses, the teacher's top-64
-log-probs on every response token, rule-based R_acc, and Parquet output. The baseline runs the same
+teacher at mask ratio 0.1 and 4 from the unmasked student, the teacher's top-64 log-probs on every
+response token, rule-based R_acc, and Parquet output. The baseline runs the same
 engine code (`serve.engine.TransformersEngine`) in this process, one engine batch after another; the
 pipeline runs `cluster.pipeline.run_stage` against the Serve app (two replicas per model) with two
-reward actors. The loop is timed with 1 and with 2 torch threads; the faster one is the baseline. The
-student responses are generated once beforehand and shared (not timed).
+reward actors. The loop is timed with 1 and with 2 torch threads; the faster one is the baseline.
 
 A last row is a design probe, not the pipeline's code path: the same loop body in two Ray Data
 actors that each hold the masked teacher (the batch-inference pattern, no Serve hop), to show what
@@ -92,21 +91,44 @@ def stage_of(config, questions: int):
     )
 
 
-def stage_records(engine, config, rows: list[dict], times: dict[str, float]):
-    """The stage's records (an Arrow table) for `rows` (question fields, `image_png` and the stored
-    student group in `responses`) with an in-process engine, one engine batch after another; adds
-    seconds per step to `times`."""
+def sample(engine, config, prompts, rows, model: str, n: int):
+    from cluster.responses import request_seed
+    from serve.engine import Sampling
+
+    sampling = config.generation.sampling
+    return engine.generate(
+        [
+            (
+                prompt,
+                Sampling(
+                    n=n,
+                    max_tokens=sampling.max_new_tokens,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    repetition_penalty=sampling.repetition_penalty,
+                    seed=request_seed(config.generation.seed, model, row["question_id"]),
+                ),
+            )
+            for prompt, row in zip(prompts, rows)
+        ]
+    )
+
+
+def stage_records(engine, student_engine, config, rows: list[dict], times: dict[str, float]):
+    """The stage's records (an Arrow table) for `rows` (question fields and `image_png`) with in-process
+    engines (the masked teacher and the student), one engine batch after another; adds seconds per step
+    to `times`."""
     import pyarrow as pa
 
-    from cluster.responses import image_messages, request_seed
-    from masters.models import build_prompt
+    from cluster.responses import image_messages
     from masters.records import STAGE_SCHEMA, responses_array
     from masters.rewards import rule_accuracy
     from serve.api import ChatMessage
-    from serve.engine import Sampling, chat_prompt
-    from serve.levels import model_id
+    from serve.engine import chat_prompt
+    from serve.levels import STUDENT, model_id
 
-    generation, sampling = config.generation, config.generation.sampling
+    generation = config.generation
     model = model_id(TEACHER, MASK_RATIO)
     batch_size = config.serve.max_batch_size
     records, record_groups = [], []
@@ -121,28 +143,13 @@ def stage_records(engine, config, rows: list[dict], times: dict[str, float]):
         ]
         times["encode"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        completions = engine.generate(
-            [
-                (
-                    prompt,
-                    Sampling(
-                        n=generation.group_teacher,
-                        max_tokens=sampling.max_new_tokens,
-                        temperature=sampling.temperature,
-                        top_p=sampling.top_p,
-                        top_k=sampling.top_k,
-                        repetition_penalty=sampling.repetition_penalty,
-                        seed=request_seed(generation.seed, model, row["question_id"]),
-                    ),
-                )
-                for prompt, row in zip(prompts, chunk)
-            ]
-        )
+        teacher = sample(engine, config, prompts, chunk, model, generation.group_teacher)
+        student = sample(student_engine, config, prompts, chunk, STUDENT, generation.group_student)
         times["generate"] += time.perf_counter() - clock
         groups = [
-            [{"source": "teacher", "text": c.text, "token_ids": c.token_ids} for c in sampled]
-            + row["responses"]
-            for sampled, row in zip(completions, chunk)
+            [{"source": "teacher", "text": c.text, "token_ids": c.token_ids} for c in by_teacher]
+            + [{"source": "student", "text": c.text, "token_ids": c.token_ids} for c in by_student]
+            for by_teacher, by_student in zip(teacher, student)
         ]
         clock = time.perf_counter()
         # One engine batch holds at most max_batch_size items, as a Serve replica's does.
@@ -169,7 +176,6 @@ def stage_records(engine, config, rows: list[dict], times: dict[str, float]):
             records.append(
                 {
                     **{name: row[name] for name in ("question_id", "family", "image_png", "question", "answer")},
-                    "prompt": build_prompt(engine.processor, row["question"]),
                     "teacher": TEACHER,
                     "mask_ratio": MASK_RATIO,
                     "stage_index": 1,
@@ -185,7 +191,7 @@ def stage_records(engine, config, rows: list[dict], times: dict[str, float]):
     return table.cast(STAGE_SCHEMA)
 
 
-def question_rows(samples, student_groups: dict) -> list[dict]:
+def question_rows(samples) -> list[dict]:
     from masters.data.export import png_bytes
 
     return [
@@ -195,29 +201,34 @@ def question_rows(samples, student_groups: dict) -> list[dict]:
             "image_png": png_bytes(sample.image),
             "question": sample.question,
             "answer": sample.answer,
-            "responses": student_groups[sample.id],
         }
         for sample in samples
     ]
 
 
-def single_process_stage(config, model_dir: Path, samples, student_groups: dict, out: Path, threads: int) -> dict[str, float]:
+def engines(config, model_dir: Path):
+    """The masked teacher and the student (the same micro model, unmasked)."""
+    from serve.engine import TransformersEngine
+
+    teacher = TransformersEngine(model_dir, config.mask.ratios, config.mask.scope)
+    teacher.set_mask_ratio(MASK_RATIO)
+    return teacher, TransformersEngine(model_dir, [0.0], config.mask.scope)
+
+
+def single_process_stage(config, model_dir: Path, samples, out: Path, threads: int) -> dict[str, float]:
     """The same stage as one loop in this process with `threads` torch threads; returns seconds per step."""
     import pyarrow.parquet as pq
     import torch
 
-    from serve.engine import TransformersEngine
-
     torch.set_num_threads(threads)
     times = dict.fromkeys(["load", "encode", "generate", "score", "rewards", "write"], 0.0)
     clock = time.perf_counter()
-    engine = TransformersEngine(model_dir, config.mask.ratios, config.mask.scope)
-    engine.set_mask_ratio(MASK_RATIO)
+    engine, student_engine = engines(config, model_dir)
     times["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    rows = question_rows(samples, student_groups)
+    rows = question_rows(samples)
     times["encode"] += time.perf_counter() - clock
-    records = stage_records(engine, config, rows, times)
+    records = stage_records(engine, student_engine, config, rows, times)
     clock = time.perf_counter()
     pq.write_table(records, out)
     times["write"] = time.perf_counter() - clock
@@ -231,18 +242,15 @@ class EngineWorker:
     def __init__(self, model_dir: str, config):
         import torch
 
-        from serve.engine import TransformersEngine
-
         torch.set_num_threads(1)
         self.config = config
-        self.engine = TransformersEngine(Path(model_dir), config.mask.ratios, config.mask.scope)
-        self.engine.set_mask_ratio(MASK_RATIO)
+        self.engine, self.student_engine = engines(config, Path(model_dir))
 
     def __call__(self, batch):
-        return stage_records(self.engine, self.config, batch.to_pylist(), defaultdict(float))
+        return stage_records(self.engine, self.student_engine, self.config, batch.to_pylist(), defaultdict(float))
 
 
-def engine_actor_stage(config, model_dir: Path, samples, student_groups: dict, out: Path) -> tuple[float, float]:
+def engine_actor_stage(config, model_dir: Path, samples, out: Path) -> tuple[float, float]:
     """The stage through two `EngineWorker` actors (1 CPU each) on the running Ray cluster; returns
     the seconds it took and the seconds until its first groups arrived (mostly the actors' start)."""
     import pyarrow as pa
@@ -253,7 +261,7 @@ def engine_actor_stage(config, model_dir: Path, samples, student_groups: dict, o
     from masters.records import STAGE_SCHEMA
 
     clock = time.perf_counter()
-    rows = question_rows(samples, student_groups)
+    rows = question_rows(samples)
     size = config.serve.max_batch_size
     dataset = ray.data.from_blocks([pa.Table.from_pylist(rows[i : i + size]) for i in range(0, len(rows), size)])
     dataset = dataset.map_batches(
@@ -362,11 +370,10 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.pipeline import generate_student_responses, run_stage
+    from cluster.pipeline import run_stage
     from cluster.responses import ServiceAddress
-    from cluster.stage_store import read_parts
     from masters.data import make_split
-    from masters.models import load_model
+    from masters.data.source import QuestionIndex
     from serve.app import start
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -376,28 +383,22 @@ def main() -> None:
         port = probe.getsockname()[1]
     config = make_config(work, model_dir, args.questions, port)
     samples = make_split("train", args.questions, config.data.seed)
+    questions = QuestionIndex.open(config.data, "train", args.questions, config.storage_path)
     run_dir = work / "runs" / "bench"
-    _, processor = load_model(model_dir)
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         clock = time.perf_counter()
         start(config, {TEACHER: model_dir, "student": model_dir})
         deploy_s = time.perf_counter() - clock
-        clock = time.perf_counter()
-        students = generate_student_responses(config, samples, run_dir, ServiceAddress(), processor)
-        student_s = time.perf_counter() - clock
-        stored = read_parts(students.directory).to_pylist()
-        student_groups = {row["question_id"]: row["responses"] for row in stored}
-
         with CpuByRole() as cpu:
             clock = time.perf_counter()
-            result = run_stage(config, stage_of(config, args.questions), samples, run_dir, ServiceAddress(), processor)
+            result = run_stage(config, stage_of(config, args.questions), questions, run_dir, ServiceAddress(), model_dir)
             pipeline_s = time.perf_counter() - clock
         assert not result.skipped and result.manifest["counts"]["records"] == args.questions
         serve.shutdown()  # the design probe below needs no service, and idle replicas still poll
         with CpuByRole() as probe_cpu:
-            actors_s, first_s = engine_actor_stage(config, model_dir, samples, student_groups, work / "engine_actors.parquet")
+            actors_s, first_s = engine_actor_stage(config, model_dir, samples, work / "engine_actors.parquet")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -406,7 +407,7 @@ def main() -> None:
     # threads help little with a model this small and hurt when other processes share the cores, so
     # the loop is timed with 1 and with 2 threads and the faster one is the baseline.
     loops = {
-        threads: single_process_stage(config, model_dir, samples, student_groups, work / "baseline.parquet", threads)
+        threads: single_process_stage(config, model_dir, samples, work / "baseline.parquet", threads)
         for threads in (1, 2)
     }
     best = min(loops, key=lambda threads: sum(loops[threads].values()))
@@ -416,7 +417,7 @@ def main() -> None:
     print(f"\nstage of {groups} questions, groups of {config.generation.group_size} "
           f"({config.generation.group_teacher} teacher samples each), top-k {config.generation.teacher_topk}, "
           f"{platform.node()} with {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"(not timed: Serve deploy {deploy_s:.1f}s, student responses {student_s:.1f}s)\n")
+    print(f"(not timed: Serve deploy {deploy_s:.1f}s)\n")
     print(f"{'path':34s} {'seconds':>9s} {'groups/s':>9s} {'ratio':>7s}")
     for threads, steps in loops.items():
         seconds = sum(steps.values())

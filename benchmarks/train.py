@@ -44,7 +44,7 @@ from PIL import Image  # noqa: E402
 from masters.batching import ShardPlan, StageTable, collate_records  # noqa: E402
 from masters.families import VLMFamily  # noqa: E402
 from masters.config import MastersConfig  # noqa: E402
-from masters.models import build_prompt, load_model, parameter_count, save_model  # noqa: E402
+from masters.models import load_model, parameter_count, save_model  # noqa: E402
 from masters.tiny_vlms import build_model, build_processor, train_tokenizer  # noqa: E402
 from masters.records import Response, StageRecord, records_to_table  # noqa: E402
 from masters.student_step import needs_reference, response_logits, student_loss  # noqa: E402
@@ -97,7 +97,7 @@ def write_synthetic_stage(processor, stage_dir: Path, num_questions: int, seed: 
                 )
             )
         records.append(
-            StageRecord(f"q{q:05d}", "bench", png.getvalue(), question, build_prompt(processor, question), "3",
+            StageRecord(f"q{q:05d}", "bench", png.getvalue(), question, "3",
                         "teacher-l", 0.1, 1, responses)
         )
     stage_dir.mkdir(parents=True)

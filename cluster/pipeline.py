@@ -1,7 +1,7 @@
 """The generation and reward pipeline of the curriculum's stages (design.md, steps 3-4), on Ray Data.
 
-    stage questions ──► sample the teacher at the stage's level (`group_teacher` each)
-        ──► groups: those + `group_student` student responses (generated once per run)
+    dataset file ──► read the stage's questions, row group by row group (the driver holds only ids)
+        ──► sample the initial student (`group_student` each) and the teacher at the stage's level (`group_teacher`)
         ──► reward actor pool: R_acc (rule or LLM judge) + the teacher's top-k log-probs per token
         ──► driver: exactly-once check, Parquet parts + manifest, renamed into `stages/<teacher>/<k>-<hash>/`
 
@@ -27,29 +27,15 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-from cluster.responses import DRAFT_RESPONSE_TYPE, DRAFT_SCHEMA, RewardScorer, ServiceAddress, sample_responses
-from cluster.stage_store import (
-    PartWriter,
-    is_complete,
-    read_manifest,
-    read_parts,
-    remove_partial,
-    records_root,
-    stage_dir,
-    student_responses_dir,
-)
+from cluster.responses import READ_SCHEMA, RewardScorer, ServiceAddress, read_stage_questions, sample_responses
+from cluster.stage_store import PartWriter, is_complete, read_manifest, records_root, remove_partial, stage_dir
 from masters.config import MastersConfig
 from masters.curriculum import Stage
-from masters.data import VQASample
-from masters.data.export import png_bytes
-from masters.families import answer_token_ids
-from masters.models import build_prompt
+from masters.data.source import QuestionIndex
 from masters.records import SCHEMA_VERSION, stage_schema
-from serve.levels import STUDENT, model_id
+from serve.levels import model_id
 
 logger = logging.getLogger(__name__)
-
-STUDENT_SCHEMA = pa.schema([("question_id", pa.string()), ("responses", pa.list_(DRAFT_RESPONSE_TYPE))])
 
 # Sampling tasks only wait on the teacher service: a sliver of CPU each, a few in flight so the
 # engine's batch queue never runs dry.
@@ -68,24 +54,8 @@ def _digest(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def student_config_hash(config: MastersConfig, question_ids: Sequence[str]) -> str:
-    """What the stored student responses depend on: the student, sampling and the questions."""
-    generation = config.generation
-    return _digest(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "student": config.models.student,
-            "responses": generation.group_student,
-            "sampling": generation.sampling.model_dump(),
-            "seed": generation.seed,
-            "data": config.data.model_dump(),
-            "questions": _digest(list(question_ids)),
-        }
-    )
-
-
 def stage_config_hash(
-    config: MastersConfig, teacher: str, mask_ratio: float, stage_index: int, question_ids: Sequence[str], student_hash: str | None
+    config: MastersConfig, teacher: str, mask_ratio: float, stage_index: int, question_ids: Sequence[str]
 ) -> str:
     """What a stage's records depend on: what produced them, not the loss that will consume them (the
     mask_progressive and full objectives train on the same records). Execution knobs (actor counts,
@@ -95,6 +65,7 @@ def stage_config_hash(
     generation = config.generation.model_dump()
     if config.loss.on_dataset_responses:  # nothing is sampled: only how the teacher's scores are stored counts
         generation = {key: generation[key] for key in ("teacher_topk", "teacher_logprobs_dtype")}
+    samples_student = not config.loss.on_dataset_responses and config.generation.group_student > 0
     return _digest(
         {
             "schema_version": SCHEMA_VERSION,
@@ -107,7 +78,7 @@ def stage_config_hash(
             "judge": judge if config.rewards.use_accuracy else None,
             "data": config.data.model_dump(),
             "questions": _digest(list(question_ids)),
-            "student_responses": student_hash,
+            "student": config.models.student if samples_student else None,
         }
     )
 
@@ -115,11 +86,8 @@ def stage_config_hash(
 def stage_records(config: MastersConfig, stage: Stage, train_ids: Sequence[str], run_dir: str | Path) -> tuple[str, Path]:
     """The config hash and directory of `stage`'s records: named by what produced them, so runs sharing a
     records root share a stage exactly when they would generate it alike (`jobs/ablate.py --dry-run` lists them)."""
-    student_hash = None
-    if not config.loss.on_dataset_responses and config.generation.group_student:
-        student_hash = student_config_hash(config, train_ids)
     question_ids = [train_ids[i] for i in stage.question_indices]
-    config_hash = stage_config_hash(config, stage.teacher, stage.mask_ratio, stage.teacher_stage, question_ids, student_hash)
+    config_hash = stage_config_hash(config, stage.teacher, stage.mask_ratio, stage.teacher_stage, question_ids)
     return config_hash, stage_dir(records_root(config, run_dir), stage.teacher, stage.teacher_stage, config_hash)
 
 
@@ -132,47 +100,28 @@ def judge_target(config: MastersConfig) -> tuple[str | None, str | None]:
     return endpoint, judge.model or model_id(config.models.teachers[-1].name, 0.0)
 
 
-def _question_rows(samples: Sequence[VQASample], processor, teacher: str, mask_ratio: float, stage_index: int, model: str) -> list[dict]:
-    return [
-        {
-            "question_id": sample.id,
-            "family": sample.family,
-            "image_png": png_bytes(sample.image),
-            "question": sample.question,
-            "prompt": build_prompt(processor, sample.question),
-            "answer": sample.answer,
-            "teacher": teacher,
-            "mask_ratio": mask_ratio,
-            "stage_index": stage_index,
-            "model_id": model,
-            "responses": [],
-        }
-        for sample in samples
-    ]
-
-
-def _dataset(rows: list[dict], config: MastersConfig) -> ray.data.Dataset:
-    """Rows as blocks of at most one engine batch, at least as many as sampling tasks, so the tasks
-    and the reward actors work in parallel."""
-    size = max(1, min(config.serve.max_batch_size, math.ceil(len(rows) / SAMPLING_TASKS)))
-    # from_blocks puts the blocks from the driver; from_arrow would first run a 1-CPU metadata task
-    # per block, which never schedules while the Serve replicas hold more than one of two CPUs.
-    # Each block is built on its own: a slice of one big table would carry all its buffers along.
-    return ray.data.from_blocks(
-        [pa.Table.from_pylist(rows[start : start + size], schema=DRAFT_SCHEMA) for start in range(0, len(rows), size)]
-    )
-
-
-def _check_unique(samples: Sequence[VQASample]) -> list[str]:
-    ids = [sample.id for sample in samples]
-    if len(set(ids)) != len(ids):
-        raise ValueError("samples: question ids must be unique within a stage (the stage record has one row per question)")
-    if not ids:
-        raise ValueError("samples is empty: a stage needs at least one question")
-    return ids
-
-
-# --------------------------------------------------------------------------- student responses
+def _stage_reads(config: MastersConfig, stage: Stage, questions: QuestionIndex) -> list[pa.Table]:
+    """The stage's questions as blocks of row-group reads (`READ_SCHEMA`) of at most one engine batch,
+    at least as many as sampling tasks, so the tasks and the reward actors work in parallel. A row
+    group is read once per block that needs it: at scale a stage takes a few questions of each."""
+    size = max(1, min(config.serve.max_batch_size, math.ceil(len(stage.question_indices) / SAMPLING_TASKS)))
+    stage_columns = {
+        "teacher": stage.teacher,
+        "mask_ratio": stage.mask_ratio,
+        "stage_index": stage.teacher_stage,
+        "model_id": stage.model_id,
+    }
+    blocks, block, rows = [], [], 0
+    for group_read in questions.row_group_reads(stage.question_indices):
+        for start in range(0, len(group_read["rows"]), size):
+            read = {key: value[start : start + size] for key, value in group_read.items() if key != "row_group"}
+            if block and rows + len(read["rows"]) > size:
+                blocks.append(pa.Table.from_pylist(block, schema=READ_SCHEMA))
+                block, rows = [], 0
+            block.append({**read, "row_group": group_read["row_group"], **stage_columns})
+            rows += len(read["rows"])
+    blocks.append(pa.Table.from_pylist(block, schema=READ_SCHEMA))
+    return blocks
 
 
 @dataclass
@@ -195,67 +144,14 @@ def _with_samples(dataset, config: MastersConfig, address: ServiceAddress, n: in
     )
 
 
-def generate_student_responses(
-    config: MastersConfig, samples: Sequence[VQASample], run_dir: str | Path, address: ServiceAddress, processor
-) -> StepResult:
-    """The initial student's `group_student` responses per question of the run's train split, once, in
-    `<records>/student_responses/<hash>/`."""
-    question_ids = _check_unique(samples)
-    config_hash = student_config_hash(config, question_ids)
-    directory = student_responses_dir(records_root(config, run_dir), config_hash)
-    if is_complete(directory, config_hash):
-        return StepResult(directory, read_manifest(directory), skipped=True)
-    remove_partial(directory)
-    rows = _question_rows(samples, processor, teacher="", mask_ratio=0.0, stage_index=-1, model=STUDENT)
-    dataset = _with_samples(
-        _dataset(rows, config), config, address, n=config.generation.group_student, source="student"
-    )
-    with PartWriter(directory, STUDENT_SCHEMA, kind="student_responses") as writer:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.write(batch)
-        manifest = writer.finish(
-            question_ids,
-            config_hash=config_hash,
-            model=STUDENT,
-            counts={"questions": len(question_ids), "responses": len(question_ids) * config.generation.group_student},
-        )
-    return StepResult(directory, manifest, skipped=False, execution_stats=dataset.stats())
-
-
-def _stored_student_responses(config: MastersConfig, run_dir: str | Path, train_ids: list[str]) -> dict[str, list[dict]]:
-    """The stored student responses of every question of the run, by question id."""
-    config_hash = student_config_hash(config, train_ids)
-    directory = student_responses_dir(records_root(config, run_dir), config_hash)
-    if not is_complete(directory, config_hash):
-        raise FileNotFoundError(
-            f"{str(directory)!r} has no finished student responses; run generate_student_responses first"
-        )
-    return {row["question_id"]: row["responses"] for row in read_parts(directory).to_pylist()}
-
-
 # --------------------------------------------------------------------------- one stage
 
 
-def stage_samples(stage: Stage, train_samples: Sequence[VQASample]) -> list[VQASample]:
-    """The stage's questions, in training order, from the run's train split."""
-    if stage.question_indices and max(stage.question_indices) >= len(train_samples):
-        raise ValueError(
-            f"stage {stage.stage_id} indexes question {max(stage.question_indices)} but the train split has "
-            f"{len(train_samples)}; plan the curriculum with the same data.train_size"
-        )
-    return [train_samples[i] for i in stage.question_indices]
-
-
 def run_stage(
-    config: MastersConfig,
-    stage: Stage,
-    train_samples: Sequence[VQASample],
-    run_dir: str | Path,
-    address: ServiceAddress,
-    processor,
+    config: MastersConfig, stage: Stage, questions: QuestionIndex, run_dir: str | Path, address: ServiceAddress, student_dir: str | Path
 ) -> StepResult:
     """Produce (or find) the records of `stage` in `<records>/stages/<teacher>/<k>-<hash>/`."""
-    (result,) = run_stages(config, [stage], train_samples, run_dir, address, processor)
+    (result,) = run_stages(config, [stage], questions, run_dir, address, student_dir)
     return result
 
 
@@ -267,7 +163,6 @@ class _PendingStage:
     question_ids: list[str]
     directory: Path
     config_hash: str
-    rows: list[dict]
     tally: _StageTally = field(default_factory=lambda: _StageTally())
     writer: PartWriter | None = None
     arrived: int = 0  # groups seen, written or dropped
@@ -276,33 +171,42 @@ class _PendingStage:
 def run_stages(
     config: MastersConfig,
     stages: Sequence[Stage],
-    train_samples: Sequence[VQASample],
+    questions: QuestionIndex,
     run_dir: str | Path,
     address: ServiceAddress,
-    processor,
+    student_dir: str | Path,
     on_stage_done: Callable[[Stage, StepResult], None] | None = None,
+    on_groups: Callable[[Stage, int], None] | None = None,
 ) -> list[StepResult]:
     """Produce (or find) the records of `stages`, in order, through one Ray Data execution.
 
-    Every stage's questions stream through the same sampling tasks and reward actor pool (each row
-    asks its own stage's teacher level), so the pool starts once, not once per stage. Each stage
-    is still its own directory: written atomically when its last group arrives, then reported to
+    `questions` indexes the run's train split; Ray Data tasks read each stage's questions from it,
+    row group by row group, stage after stage. Every stage's questions stream through the same
+    sampling tasks (the initial student's `group_student` responses, then the stage's teacher level's
+    `group_teacher`) and reward actor pool, so the pool starts once, not once per stage. Each stage is
+    still its own directory: written atomically when its last group arrives, then reported to
     `on_stage_done` (which the driver uses to hand it to the trainer). A stage already complete is
-    skipped; anything else of it is removed and redone from the start.
+    skipped; anything else of it is removed and redone from the start. `student_dir`'s processor
+    tokenizes the dataset responses of the naive and SFT baselines. `on_groups(stage, count)` hears of
+    every batch of groups as it arrives (progress displays, benchmarks).
     """
     generation = config.generation
     naive = config.loss.on_dataset_responses
     results: dict[str, StepResult] = {}
     pending: dict[tuple[str, int], _PendingStage] = {}
-    train_ids = [sample.id for sample in train_samples]
-    students: dict[str, list[dict]] | None = None
+    blocks: list[pa.Table] = []
     for stage in stages:
-        samples = stage_samples(stage, train_samples)
-        question_ids = _check_unique(samples)
-        teacher, mask_ratio, stage_index = stage.teacher, stage.mask_ratio, stage.teacher_stage
+        teacher = stage.teacher
         if teacher not in [t.name for t in config.models.teachers]:
             raise ValueError(f"stage teacher {teacher!r} is not in models.teachers ({[t.name for t in config.models.teachers]})")
-        config_hash, directory = stage_records(config, stage, train_ids, run_dir)
+        if not stage.question_indices:
+            raise ValueError(f"stage {stage.stage_id} has no questions")
+        if max(stage.question_indices) >= len(questions):
+            raise ValueError(
+                f"stage {stage.stage_id} indexes question {max(stage.question_indices)} but the train split has "
+                f"{len(questions)}; plan the curriculum with the same data.train_size"
+            )
+        config_hash, directory = stage_records(config, stage, questions.ids, run_dir)
         if is_complete(directory, config_hash):
             logger.info("stage %s is complete in %s; skipping", stage.stage_id, directory)
             results[stage.stage_id] = StepResult(directory, read_manifest(directory), skipped=True)
@@ -312,27 +216,24 @@ def run_stages(
         if read_manifest(directory) is not None:
             logger.warning("stage %s is damaged; redoing it", stage.stage_id)
         remove_partial(directory)
-        rows = _question_rows(samples, processor, teacher, mask_ratio, stage_index, stage.model_id)
-        if naive:  # the dataset's reference response, ending as the model's own responses do
-            responses = answer_token_ids(processor, [sample.response for sample in samples])
-            for row, sample, token_ids in zip(rows, samples, responses):
-                row["responses"] = [{"source": "dataset", "text": sample.response, "token_ids": token_ids}]
-        elif generation.group_student:
-            if students is None:  # read once, and only when a stage is generated
-                students = _stored_student_responses(config, run_dir, train_ids)
-            missing = [qid for qid in question_ids if qid not in students]
-            if missing:
-                raise ValueError(
-                    f"{len(missing)} stage questions have no stored student responses (e.g. {missing[:3]}); "
-                    "generate them for every question of the run"
-                )
-            for row, sample in zip(rows, samples):
-                row["responses"] = students[sample.id]
-        pending[(teacher, stage_index)] = _PendingStage(stage, question_ids, directory, config_hash, rows)
+        question_ids = [questions.ids[i] for i in stage.question_indices]
+        pending[(teacher, stage.teacher_stage)] = _PendingStage(stage, question_ids, directory, config_hash)
+        blocks += _stage_reads(config, stage, questions)
     if not pending:
         return [results[stage.stage_id] for stage in stages]
 
-    dataset = _dataset([row for item in pending.values() for row in item.rows], config)
+    # from_blocks puts the blocks from the driver; from_arrow would first run a 1-CPU metadata task
+    # per block, which never schedules while the Serve replicas hold more than one of two CPUs.
+    dataset = ray.data.from_blocks(blocks).map_batches(
+        read_stage_questions,
+        batch_format="pyarrow",
+        batch_size=None,  # a block's reads, each row group read once
+        compute=TaskPoolStrategy(size=SAMPLING_TASKS),
+        num_cpus=SAMPLING_TASK_CPUS,
+        fn_kwargs={"path": questions.path, "dataset_responses_from": str(student_dir) if naive else None},
+    )
+    if not naive and generation.group_student:
+        dataset = _with_samples(dataset, config, address, n=generation.group_student, source="student")
     if not naive and generation.group_teacher:
         dataset = _with_samples(
             dataset, config, address, n=generation.group_teacher, source="teacher"
@@ -387,6 +288,8 @@ def run_stages(
                 part = batch.take(indices)
                 item.writer.write(item.tally.add(part, config.rewards.judge.on_failure, item.stage.stage_id))
                 item.arrived += part.num_rows
+                if on_groups:
+                    on_groups(item.stage, part.num_rows)
                 if item.arrived == len(item.question_ids):
                     finish(item)
     except BaseException as error:

@@ -1,7 +1,8 @@
-"""What runs inside the pipeline's Ray workers: asking the teacher service, and the reward actors.
+"""What runs inside the pipeline's Ray workers: reading questions, asking the teacher service, and the reward actors.
 
-`sample_responses` (Ray Data tasks) samples responses per question; `RewardScorer` (the reward actor
-pool) adds R_acc and the teacher's top-k log-probs per response token. Both reach the service
+`read_stage_questions` (Ray Data tasks) reads a stage's questions from the dataset file, row group by
+row group; `sample_responses` (Ray Data tasks) samples responses per question; `RewardScorer` (the
+reward actor pool) adds R_acc and the teacher's top-k log-probs per response token. Both reach the service
 through a `ModelClient`: Serve handles inside the cluster, or HTTP to any address that speaks our
 OpenAI-compatible API with `token_ids` and `/v1/score`.
 
@@ -28,10 +29,11 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.judge import JudgeClient, JudgeError
 from masters.config import MastersConfig
+from masters.data.source import read_questions
 from masters.records import STAGE_SCHEMA, responses_array
 from masters.rewards import rule_accuracy
 from serve.api import ChatCompletionRequest, ChatCompletionResponse, ScoreRequest, ScoreResponse, TokenScores
-from serve.levels import model_handle
+from serve.levels import STUDENT, model_handle
 
 # A generated response before rewards: what sampling and the student join produce.
 DRAFT_RESPONSE_TYPE = pa.struct([("source", pa.string()), ("text", pa.string()), ("token_ids", pa.list_(pa.int32()))])
@@ -204,25 +206,87 @@ def request_seed(base_seed: int, model: str, question_id: str) -> int:
 # --------------------------------------------------------------------------- the Ray Data steps
 
 
+# Where each read comes from and which stage it feeds: `QuestionIndex.row_group_reads` plus the stage.
+READ_SCHEMA = pa.schema(
+    [
+        ("row_group", pa.int32()),
+        ("rows", pa.list_(pa.int32())),
+        ("question_ids", pa.list_(pa.string())),
+        ("teacher", pa.string()),
+        ("mask_ratio", pa.float32()),
+        ("stage_index", pa.int32()),
+        ("model_id", pa.string()),
+    ]
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _processor(directory: str):
+    # Imported here: only the naive and SFT baselines tokenize in a worker (see the module docstring).
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(directory)
+
+
+def read_stage_questions(batch: pa.Table, path: str, dataset_responses_from: str | None) -> pa.Table:
+    """Draft rows for the reads in `batch` (`READ_SCHEMA`), each row group read once.
+
+    With `dataset_responses_from` (a processor directory: the naive and SFT baselines) the group is the
+    dataset's reference response, tokenized as the model's own responses end; otherwise it starts empty.
+    """
+    tables = []
+    for read in batch.to_pylist():
+        questions = read_questions(path, read["row_group"], read["rows"], read["question_ids"])
+        if dataset_responses_from is None:
+            responses = [[] for _ in range(questions.num_rows)]
+        else:
+            from masters.families import answer_token_ids  # torch: the baselines' workers only
+
+            texts = questions.column("response").to_pylist()
+            token_ids = answer_token_ids(_processor(dataset_responses_from), texts)
+            responses = [[{"source": "dataset", "text": t, "token_ids": ids}] for t, ids in zip(texts, token_ids)]
+        count = questions.num_rows
+        tables.append(
+            pa.table(
+                {
+                    "question_id": questions.column("id"),
+                    "family": questions.column("family"),
+                    "image_png": questions.column("image"),
+                    "question": questions.column("question"),
+                    "answer": questions.column("answer"),
+                    "teacher": pa.array([read["teacher"]] * count, pa.string()),
+                    "mask_ratio": pa.array([read["mask_ratio"]] * count, pa.float32()),
+                    "stage_index": pa.array([read["stage_index"]] * count, pa.int32()),
+                    "model_id": pa.array([read["model_id"]] * count, pa.string()),
+                    "responses": pa.array(responses, DRAFT_SCHEMA.field("responses").type),
+                },
+                schema=DRAFT_SCHEMA,
+            )
+        )
+    return pa.concat_tables(tables) if tables else DRAFT_SCHEMA.empty_table()
+
+
 def sample_responses(
     batch: pa.Table, address: ServiceAddress, config: MastersConfig, n: int, source: str
 ) -> pa.Table:
-    """Ask `model_id` for `n` samples per question and put them in front of the group."""
+    """Ask for `n` samples per question and put them in front of the group: from the stage's teacher
+    level (`model_id`), or from the initial student when `source` is `student`."""
     rows = batch.to_pylist()
+    models = [STUDENT if source == "student" else row["model_id"] for row in rows]
     requests = [
         ChatCompletionRequest(
-            model=row["model_id"],
+            model=model,
             messages=image_messages(row["image_png"], row["question"]),
             n=n,
-            seed=request_seed(config.generation.seed, row["model_id"], row["question_id"]),
+            seed=request_seed(config.generation.seed, model, row["question_id"]),
             **_sampling_fields(config),
         )
-        for row in rows
+        for row, model in zip(rows, models)
     ]
     replies = _cached_client(address, config.model_dump_json()).chat_many(requests)
-    for row, reply in zip(rows, replies, strict=True):
+    for row, model, reply in zip(rows, models, replies, strict=True):
         if len(reply.choices) != n:
-            raise RuntimeError(f"{row['model_id']} returned {len(reply.choices)} choices for n={n}")
+            raise RuntimeError(f"{model} returned {len(reply.choices)} choices for n={n}")
         sampled = [{"source": source, "text": c.message.content, "token_ids": c.token_ids} for c in reply.choices]
         row["responses"] = sampled + row["responses"]
     return pa.Table.from_pylist(rows, schema=DRAFT_SCHEMA)

@@ -39,11 +39,6 @@ def stage_dir(root: str | Path, teacher: str, stage_index: int, config_hash: str
     return Path(root) / "stages" / teacher / f"{stage_index}-{config_hash}"
 
 
-def student_responses_dir(root: str | Path, config_hash: str) -> Path:
-    """`<root>/student_responses/<hash>/`: the initial student's responses (`student_config_hash`)."""
-    return Path(root) / "student_responses" / config_hash
-
-
 def read_manifest(directory: str | Path) -> dict | None:
     path = Path(directory) / MANIFEST
     if not path.is_file():

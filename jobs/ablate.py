@@ -189,7 +189,7 @@ def widest(base: MastersConfig, runs: dict[tuple[str, int], MastersConfig]) -> M
 def format_runs(ladder: LadderConfig, runs: dict[tuple[str, int], MastersConfig], plans: dict[tuple[str, int], list[Stage]]) -> str:
     """The runs of the ladder and, per stage record, which runs share it (the --dry-run listing)."""
     from cluster.pipeline import stage_records
-    from jobs.distill import load_samples
+    from masters.data.source import question_ids
 
     rows = [("run", "objective", "teachers", "stages", "updates")]
     users: dict[Path, list[str]] = {}
@@ -211,7 +211,7 @@ def format_runs(ladder: LadderConfig, runs: dict[tuple[str, int], MastersConfig]
             )
             key = config.data.model_dump_json()
             if key not in train_ids:
-                train_ids[key] = [s.id for s in load_samples(config, "train", config.data.train_size)]
+                train_ids[key] = question_ids(config.data, "train", config.data.train_size)
             for stage in plan:
                 _, records = stage_records(config, stage, train_ids[key], Path(config.storage_path) / config.name)
                 users.setdefault(records, []).append(config.name)

@@ -1,8 +1,8 @@
 """Distil a VLM with Masters: masked teachers, restored stage by stage, and an offline-RL student.
 
 With no arguments this runs the whole method on the embedded default: it builds the tiny model zoo
-if missing, serves the mid and large teachers at every mask level, pre-generates the student's
-responses, then for each teacher and stage generates and scores the stage's groups, trains the
+if missing, serves the mid and large teachers at every mask level, then for each teacher and stage
+generates and scores the stage's groups (masked teacher and initial student), trains the
 student, evaluates it and records the curriculum position; at the end it saves the student in
 Hugging Face format, writes report.md with plots and prints the accuracy table.
 
@@ -116,7 +116,7 @@ def distill(
     *,
     reference: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
-    """Steps 3-6 on a connected Ray cluster: serve, generate, train stage by stage, evaluate, report.
+    """Steps 3-5 on a connected Ray cluster: serve, generate, train stage by stage, evaluate, report.
 
     Returns the test rows (`as_row`) of the reference models and the final student. `reference`, when
     given, are those rows of the initial student and the teachers already measured on this test split,
@@ -124,18 +124,18 @@ def distill(
     plans against one service); otherwise this run starts the service and measures them itself.
     """
     from cluster.evaluation import evaluate_models
-    from cluster.pipeline import generate_student_responses
     from cluster.responses import ServiceAddress
     from cluster.stage_store import read_manifest
     from cluster.train import RecordsGate, TrainingStage, train_curriculum
+    from masters.data.source import QuestionIndex
     from masters.report import write_report
     from masters.tracking import MetricsLogger, read_metrics
     from serve.app import start as start_teacher_service
     from serve.levels import STUDENT, Catalog
 
     metrics = MetricsLogger(run_dir, config.name, config.logging, config.model_dump(mode="json"))
-    train_samples = load_samples(config, "train", config.data.train_size)
-    processor = AutoProcessor.from_pretrained(model_paths[STUDENT])
+    # The train split's ids and where each lives; Ray Data tasks read the questions themselves.
+    questions = QuestionIndex.open(config.data, "train", config.data.train_size, config.storage_path)
 
     # Where the run is: a rerun of a finished run needs no teacher service and no generation.
     state_path = run_dir / "state.json"
@@ -162,12 +162,8 @@ def distill(
             save_json(run_dir / "eval" / "baseline_test.json", baseline)
         reference = {name: as_row(report) for name, report in baseline.items()}
 
-    # 4. The student's own responses, generated once from its initial weights.
-    if pending and not config.loss.on_dataset_responses and config.generation.group_student > 0:
-        generate_student_responses(config, train_samples, run_dir, address, processor)
-
-    # 5. The curriculum. Records never depend on the student being trained (its responses are fixed),
-    # so the driver generates stage after stage ahead of the trainer, and one Ray Train run goes
+    # 4. The curriculum. Records never depend on the student being trained (its own responses come
+    # from its initial weights), so the driver generates stage after stage ahead of the trainer, and one Ray Train run goes
     # through all stages, publishing each stage's student as it finishes; the driver evaluates it
     # and records the curriculum position.
     student_dir = current_student(run_dir, state, model_paths[STUDENT])
@@ -175,7 +171,7 @@ def distill(
         records_gate = RecordsGate.remote()
         records_dirs: dict[str, Path] = {}  # stage id -> its records, filled as the generation thread hands them over
         generation = start_thread(
-            "generate", generate_stages, config, pending, train_samples, run_dir, address, processor, records_gate, records_dirs
+            "generate", generate_stages, config, pending, questions, run_dir, address, model_paths[STUDENT], records_gate, records_dirs
         )
         training = start_thread(
             "train",
@@ -203,7 +199,7 @@ def distill(
             )
         training.result()
 
-    # 6. The final student, its test accuracy next to the reference models', the report.
+    # 5. The final student, its test accuracy next to the reference models', the report.
     final_dir = publish_student(student_dir, run_dir / "student")
     final = evaluate_models(config, {"final student": final_dir}, "test", config.data.test_size)
     test_results = {**reference, **{name: as_row(report) for name, report in final.items()}}
@@ -315,12 +311,6 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address or "auto", configure_logging=False)
 
 
-def load_samples(config: MastersConfig, split: str, size: int):
-    from masters.data import load_split
-
-    return load_split(config.data, split, size)
-
-
 def cached_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -356,7 +346,7 @@ def start_thread(name: str, function, *args, **kwargs) -> Future:
 
 
 def generate_stages(
-    config: MastersConfig, stages: list[Stage], train_samples, run_dir: Path, address, processor, records_gate, records_dirs: dict
+    config: MastersConfig, stages: list[Stage], questions, run_dir: Path, address, student_dir: Path, records_gate, records_dirs: dict
 ) -> None:
     """Generate (or find) the stages' records in one pipeline, handing each to the trainer (and noting its
     directory in `records_dirs`) as it is written."""
@@ -375,7 +365,7 @@ def generate_stages(
         records_gate.ready.remote(stage.stage_id, str(Path(records.directory).resolve()))
 
     try:
-        run_stages(config, stages, train_samples, run_dir, address, processor, on_stage_done=hand_over)
+        run_stages(config, stages, questions, run_dir, address, student_dir, on_stage_done=hand_over)
     except Exception as error:
         records_gate.fail.remote(f"{type(error).__name__}: {error}")
         raise

@@ -26,6 +26,7 @@ from PIL import Image
 
 from masters.families import VLMFamily, inputs_on
 from masters.losses import MastersBatch
+from masters.models import build_prompt
 from masters.records import StageRecord, check_schema, table_to_records
 
 # --------------------------------------------------------------------------- reading a stage
@@ -184,7 +185,7 @@ def collate_records(records: list[StageRecord], family: VLMFamily) -> ResponseBa
             if not response.token_ids:
                 raise ValueError(f"question {record.question_id!r} has a response with no tokens (EOS is a token)")
     topk = len(records[0].responses[0].teacher_topk_ids[0])
-    prompts = [family.encode(r.prompt, [decode_image(r.image_png)]) for r in records]
+    prompts = [family.encode(build_prompt(family.processor, r.question), [decode_image(r.image_png)]) for r in records]
     rows = [(q, response) for q, record in enumerate(records) for response in record.responses]
     num_rows = len(rows)
     response_length = max(len(response.token_ids) for _, response in rows)

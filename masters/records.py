@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: no `prompt` column (the trainer renders the student's own)
 
 # Questions per Parquet row group: the unit a streaming reader holds in memory. At the paper's scale
 # (8 responses x ~300 tokens x top-64 ids + float16 log-probs, ~0.9 MB a question) that is ~60 MB.
@@ -43,7 +43,6 @@ def stage_schema(logprobs_dtype: str = "float32") -> pa.Schema:
             ("family", pa.string()),
             ("image_png", pa.binary()),
             ("question", pa.string()),
-            ("prompt", pa.string()),  # built by the processor's chat template
             ("answer", pa.string()),  # ground truth
             ("teacher", pa.string()),
             ("mask_ratio", pa.float32()),
@@ -85,7 +84,6 @@ class StageRecord:
     family: str
     image_png: bytes
     question: str
-    prompt: str
     answer: str
     teacher: str
     mask_ratio: float

@@ -82,5 +82,5 @@ def own_forward_logprobs(tiny: TinyVLM, question: str, image: Image.Image, respo
     return logits[prompt_length - 1 : prompt_length - 1 + len(response)].float().log_softmax(-1)
 
 
-def stage_record(question_id: str, question: str, image: Image.Image, prompt: str, responses: list[Response]) -> StageRecord:
-    return StageRecord(question_id, "test", png_bytes(image), question, prompt, "red", "teacher", 0.0, 0, responses)
+def stage_record(question_id: str, question: str, image: Image.Image, responses: list[Response]) -> StageRecord:
+    return StageRecord(question_id, "test", png_bytes(image), question, "red", "teacher", 0.0, 0, responses)

@@ -188,7 +188,6 @@ def test_rungs_share_records_and_seeds_differ(micro_ladder):
         for seed in (0, 1):
             run_dir = micro_ladder / "runs" / f"{rung}-seed{seed}"
             assert json.loads((run_dir / "state.json").read_text())["completed"] == ["teacher-l/0", "teacher-l/1"]
-    assert len(list((micro_ladder / "records" / "student_responses").iterdir())) == 2  # one per seed
 
     # The seeds sample different responses: the first stage's records of seed 0 and seed 1 differ.
     first_stage = sorted((micro_ladder / "records" / "stages" / "teacher-l").glob("0-*"))

@@ -59,7 +59,6 @@ def synthetic_records(
                 family="synthetic",
                 image_png=png.getvalue(),
                 question=question,
-                prompt=build_prompt(processor, question),
                 answer="yes",
                 teacher="teacher-l",
                 mask_ratio=0.1,
@@ -152,7 +151,7 @@ def test_collate_aligns_responses_and_teacher_topk(micro, family, records):
     row = 0
     for q, record in enumerate(records[:3]):
         # The prompt columns hold exactly the processor's own encoding of this question, left-padded.
-        alone = processor(images=[Image.open(io.BytesIO(record.image_png))], text=[record.prompt], return_tensors="pt")
+        alone = processor(images=[Image.open(io.BytesIO(record.image_png))], text=[build_prompt(processor, record.question)], return_tensors="pt")
         prompt_ids = alone["input_ids"][0]
         for response in record.responses:
             n = len(response.token_ids)

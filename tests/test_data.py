@@ -449,3 +449,60 @@ def test_load_split_reads_the_suite_a_directory_or_a_file(tmp_path):
         load_split(DataConfig(dataset=str(tmp_path)), "train", 1)
     with pytest.raises(ValueError, match="has 6 'val' samples; the config asks for 7"):
         load_split(DataConfig(dataset=str(tmp_path / "all.parquet")), "val", 7)
+
+
+# --------------------------------------------------------------------------- the train split, read by row group
+
+
+def test_the_suite_is_written_once_in_row_groups_and_indexed_without_images(tmp_path):
+    from masters.config import DataConfig
+    from masters.data.source import QuestionIndex, question_ids, read_questions
+
+    data = DataConfig(families=["shapes_count", "text_read", "chart_value"])
+    index = QuestionIndex.open(data, "train", 150, tmp_path)
+    samples = make_split("train", 150, seed=0, families=data.families)
+    assert index.ids == [s.id for s in samples] == question_ids(data, "train", 150)
+    parquet = pq.ParquetFile(index.path)
+    assert [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)] == [64, 64, 22]
+    manifest = json.loads((Path(index.path).parent / "manifest.json").read_text())
+    assert manifest["size"] == 150 and manifest["families"] == data.families
+    mtime = Path(index.path).stat().st_mtime_ns
+    assert QuestionIndex.open(data, "train", 150, tmp_path).ids == index.ids
+    assert Path(index.path).stat().st_mtime_ns == mtime  # found, not rewritten
+
+    # A stage's questions in any order come back grouped by row group, each group read once.
+    wanted = [149, 3, 70, 64, 5]
+    reads = index.row_group_reads(wanted)
+    assert [(r["row_group"], r["rows"]) for r in reads] == [(0, [3, 5]), (1, [0, 6]), (2, [21])]
+    read_back = {}
+    for read in reads:
+        table = read_questions(index.path, read["row_group"], read["rows"], read["question_ids"])
+        read_back.update({row["id"]: row for row in table.to_pylist()})
+    for i in wanted:
+        row, sample = read_back[samples[i].id], samples[i]
+        assert (row["question"], row["answer"], row["response"]) == (sample.question, sample.answer, sample.response)
+        assert row["image"] == png_bytes(sample.image)
+
+
+def test_a_dataset_file_is_indexed_by_split_and_family_and_guarded_against_changes(tmp_path):
+    from masters.config import DataConfig
+    from masters.data.source import QuestionIndex, read_questions
+
+    train = make_split("train", 100, seed=4)
+    write_parquet(make_split("val", 30, seed=4) + train, tmp_path / "all.parquet")
+    data = DataConfig(dataset=str(tmp_path / "all.parquet"), families=["text_read", "text_sum"])
+    index = QuestionIndex.open(data, "train", 12, tmp_path / "unused")
+    assert index.ids == [s.id for s in train if s.family in data.families][:12]
+    assert not (tmp_path / "unused").exists()  # a user dataset is read where it is
+    with pytest.raises(ValueError, match=r"has 18 'train' questions; the config asks for 19"):
+        QuestionIndex.open(data, "train", 19, tmp_path)
+
+    (read,) = index.row_group_reads([0])
+    write_parquet(make_split("train", 100, seed=5), tmp_path / "all.parquet")  # replaced under the run
+    with pytest.raises(ValueError, match="changed since the run indexed it"):
+        read_questions(index.path, read["row_group"], read["rows"], read["question_ids"])
+
+    table = pq.read_table(tmp_path / "all.parquet")
+    pq.write_table(table.drop_columns(["question"]), tmp_path / "no_question.parquet")
+    with pytest.raises(ValueError, match=r"lacks the columns \['question'\]"):
+        QuestionIndex.open(DataConfig(dataset=str(tmp_path / "no_question.parquet")), "train", 1, tmp_path)

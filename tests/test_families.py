@@ -15,7 +15,7 @@ from masters.data import make_split
 from masters.eval import evaluate
 from masters.families import UnsupportedModelError, VLMFamily, masked_parameter_names, part_weights
 from masters.masking import TeacherMasker, export_masked_checkpoints
-from masters.models import build_prompt, load_model
+from masters.models import load_model
 from masters.records import Response
 from masters.student_step import response_logits, student_loss
 from masters.tiny_vlms import ARCHITECTURES
@@ -170,8 +170,7 @@ def test_collate_and_loss_match_the_models_own_forward_and_train_every_part(tiny
             )
             for i, (c, s) in enumerate(zip(completions, scores))
         ]
-        text = build_prompt(tiny.processor, QUESTIONS[index])
-        records.append(stage_record(f"q{index}", QUESTIONS[index], shapes_image(*IMAGES[index]), text, responses))
+        records.append(stage_record(f"q{index}", QUESTIONS[index], shapes_image(*IMAGES[index]), responses))
 
     student, processor = load_model(tiny.model_dir)
     student.train()

@@ -17,21 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.judge import JudgeClient, JudgeError
-from cluster.pipeline import (
-    StageFailedError,
-    generate_student_responses,
-    run_stage,
-    run_stages,
-    stage_config_hash,
-    stage_records,
-    student_config_hash,
-)
+from cluster.pipeline import StageFailedError, run_stage, run_stages, stage_config_hash, stage_records
 from cluster.responses import ServiceAddress
-from cluster.stage_store import MANIFEST, read_parts, student_responses_dir
+from cluster.stage_store import MANIFEST, read_parts
 from jobs import inspect_stage
 from masters.config import validate_config
 from masters.curriculum import plan_curriculum
 from masters.data import make_split
+from masters.data.source import QuestionIndex
 from masters.records import table_to_records
 from serve.levels import APP_NAME, model_handle
 
@@ -169,9 +162,11 @@ def _judge_url(port: int) -> str:
 
 
 def _stage_inputs(config):
+    """The plan, the train split's index (the pipeline reads the questions) and its samples (what tests expect)."""
     plan = plan_curriculum(config, config.data.train_size)
+    questions = QuestionIndex.open(config.data, "train", config.data.train_size, config.storage_path)
     train = make_split("train", config.data.train_size, config.data.seed)
-    return plan, train
+    return plan, questions, train
 
 
 def _batches_per_replica(model: str) -> dict[str, int]:
@@ -302,29 +297,24 @@ def test_http_and_serve_handles_give_the_same_samples_and_scores(service, tmp_pa
 
 def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     config = _config(tmp_path, service["port"], service["model_dir"])
-    plan, train = _stage_inputs(config)
+    plan, questions, train = _stage_inputs(config)
     address = ServiceAddress()  # in-cluster Serve handles
     run_dir = tmp_path / "pipe"
 
-    student = generate_student_responses(config, train, run_dir, address, service["processor"])
-    assert not student.skipped and student.manifest["rows"] == QUESTIONS
-
     stage = plan[0]
-    result = run_stage(config, stage, train, run_dir, address, service["processor"])
+    result = run_stage(config, stage, questions, run_dir, address, service["model_dir"])
     assert not result.skipped
     train_ids = [sample.id for sample in train]
     assert result.directory == stage_records(config, stage, train_ids, run_dir)[1]
     assert result.directory.parent == run_dir / "stages" / TEACHER and result.directory.name.startswith("0-")
     records = table_to_records(read_parts(result.directory))
     assert sorted(r.question_id for r in records) == sorted(train[i].id for i in stage.question_indices)
-    assert student.directory == student_responses_dir(run_dir, student_config_hash(config, train_ids))
-    students = {row["question_id"]: row["responses"] for row in read_parts(student.directory).to_pylist()}
+    samples = {sample.id: sample for sample in train}
     for record in records:
         assert (record.teacher, record.mask_ratio, record.stage_index) == (TEACHER, pytest.approx(0.05), 0)
-        assert "<image>" in record.prompt and record.prompt.endswith("<|assistant|>\n")
+        sample = samples[record.question_id]  # read from the suite's Parquet file as generated
+        assert (record.family, record.question, record.answer) == (sample.family, sample.question, sample.answer)
         assert [r.source for r in record.responses] == ["teacher", "teacher", "student", "student"]
-        # The student half is the stored student responses, joined by question id.
-        assert [r.token_ids for r in record.responses[2:]] == [s["token_ids"] for s in students[record.question_id][:2]]
         for response in record.responses:
             assert 1 <= len(response.token_ids) <= 5
             assert len(response.teacher_topk_ids) == len(response.token_ids)
@@ -337,7 +327,7 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     assert manifest["counts"]["records"] == len(stage.question_indices)
     assert manifest["counts"]["responses_by_source"] == {"teacher": 2 * len(records), "student": 2 * len(records)}
     assert manifest["counts"]["dropped_groups"] == 0 and manifest["judge"]["kind"] == "rule"
-    assert manifest["schema_version"] == 1 and manifest["files"]
+    assert manifest["schema_version"] == 2 and manifest["files"]
 
     # What a person sees: counts, histograms, sample groups, and the PNG.
     inspect_stage.main([str(result.directory), "--samples", "1", "--png", str(tmp_path / "stage.png")])
@@ -345,10 +335,9 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     assert f"questions {len(records)}  records {len(records)}  dropped groups 0" in shown
     assert "R_acc (teacher)" in shown and "1 sample groups" in shown and (tmp_path / "stage.png").stat().st_size > 0
 
-    # Rerun: the stage and the student responses are found complete and left untouched.
+    # Rerun: the stage is found complete and left untouched.
     before = _directory_state(result.directory)
-    assert generate_student_responses(config, train, run_dir, address, service["processor"]).skipped
-    again = run_stage(config, stage, train, run_dir, address, service["processor"])
+    again = run_stage(config, stage, questions, run_dir, address, service["model_dir"])
     assert again.skipped and _directory_state(result.directory) == before
 
     # A half-written stage: a crashed writer's temp sibling and a directory without a manifest.
@@ -357,28 +346,26 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     (crashed / "part-00000.parquet").write_bytes(b"half")
     (result.directory / MANIFEST).unlink()
     (result.directory / "part-00000.parquet").write_bytes(b"truncated")
-    redone = run_stage(config, stage, train, run_dir, address, service["processor"])
+    redone = run_stage(config, stage, questions, run_dir, address, service["model_dir"])
     assert not redone.skipped
     assert [p.name for p in result.directory.parent.iterdir()] == [result.directory.name]  # no temp leftovers
     assert len(table_to_records(read_parts(redone.directory))) == len(stage.question_indices)
     # Same seeds, same samples: the redone stage holds the same responses.
-    assert [r.responses[0].token_ids for r in table_to_records(read_parts(redone.directory))] == [
-        r.responses[0].token_ids for r in records
-    ]
+    by_question = lambda rs: {r.question_id: [response.token_ids for response in r.responses] for r in rs}  # noqa: E731
+    assert by_question(table_to_records(read_parts(redone.directory))) == by_question(records)
 
 
 def test_all_stages_in_one_pipeline(service, tmp_path):
     """Both levels through one Ray Data execution: each stage lands in its own directory with exactly
     its questions at its own level and is reported once complete; a rerun skips both untouched."""
     config = _config(tmp_path, service["port"], service["model_dir"])
-    plan, train = _stage_inputs(config)
+    plan, questions, train = _stage_inputs(config)
     assert [stage.mask_ratio for stage in plan] == [0.05, 0.0]
     run_dir, address = tmp_path / "pipe", ServiceAddress()
-    generate_student_responses(config, train, run_dir, address, service["processor"])
 
     reported = []
     results = run_stages(
-        config, plan, train, run_dir, address, service["processor"],
+        config, plan, questions, run_dir, address, service["model_dir"],
         on_stage_done=lambda stage, result: reported.append((stage.stage_id, result.skipped, result.directory.is_dir())),
     )  # fmt: skip
     assert sorted(reported) == [(stage.stage_id, False, True) for stage in plan]
@@ -393,7 +380,7 @@ def test_all_stages_in_one_pipeline(service, tmp_path):
 
     before = [_directory_state(result.directory) for result in results]
     reported.clear()
-    again = run_stages(config, plan, train, run_dir, address, service["processor"],
+    again = run_stages(config, plan, questions, run_dir, address, service["model_dir"],
                        on_stage_done=lambda stage, result: reported.append((stage.stage_id, result.skipped)))  # fmt: skip
     assert reported == [(stage.stage_id, True) for stage in plan] and all(result.skipped for result in again)
     assert [_directory_state(result.directory) for result in again] == before
@@ -403,10 +390,10 @@ def test_naive_objective_scores_dataset_answers_with_the_unmasked_teacher(servic
     config = _config(
         tmp_path, service["port"], service["model_dir"], loss={"objective": "naive"}, mask={"max_mask_ratio": 0.0}
     )
-    plan, train = _stage_inputs(config)
+    plan, questions, train = _stage_inputs(config)
     (stage,) = plan
-    # No student responses are needed: the naive group is the dataset's reference response alone.
-    result = run_stage(config, stage, train, tmp_path / "pipe", ServiceAddress(), service["processor"])
+    # No sampling: the naive group is the dataset's reference response alone.
+    result = run_stage(config, stage, questions, tmp_path / "pipe", ServiceAddress(), service["model_dir"])
     records = table_to_records(read_parts(result.directory))
     assert len(records) == QUESTIONS
     eos = service["processor"].tokenizer.eos_token_id
@@ -437,17 +424,17 @@ def _llm_config(tmp_path, service, script: str, on_failure: str, **sections):
 
 
 def test_judge_failures_drop_groups_or_fail_the_stage(service, tmp_path):
-    plan, train = _stage_inputs(_config(tmp_path, service["port"], service["model_dir"]))
+    plan, questions, train = _stage_inputs(_config(tmp_path, service["port"], service["model_dir"]))
     stage = plan[0]
-    questions = [train[i] for i in stage.question_indices]
-    breaking_answer = questions[0].answer
-    broken = {s.id for s in questions if s.answer == breaking_answer}
-    assert len(broken) < len(questions), "some groups must survive"
+    stage_samples = [train[i] for i in stage.question_indices]
+    breaking_answer = stage_samples[0].answer
+    broken = {s.id for s in stage_samples if s.answer == breaking_answer}
+    assert len(broken) < len(stage_samples), "some groups must survive"
     config = _llm_config(tmp_path, service, f"breaks-on:{breaking_answer}", "drop_group")
 
-    result = run_stage(config, stage, train, tmp_path / "pipe", ServiceAddress(), service["processor"])
+    result = run_stage(config, stage, questions, tmp_path / "pipe", ServiceAddress(), service["model_dir"])
     kept = {r.question_id for r in table_to_records(read_parts(result.directory))}
-    assert kept == {s.id for s in questions} - broken
+    assert kept == {s.id for s in stage_samples} - broken
     manifest = result.manifest
     assert manifest["counts"]["dropped_groups"] == len(broken)
     assert {d["question_id"] for d in manifest["dropped"]} == broken
@@ -456,7 +443,7 @@ def test_judge_failures_drop_groups_or_fail_the_stage(service, tmp_path):
 
     failing = _llm_config(tmp_path, service, "broken", "fail_stage", name="pipe-fail")
     with pytest.raises(StageFailedError, match="on_failure=drop_group"):
-        run_stage(failing, stage, train, tmp_path / "pipe-fail", ServiceAddress(), service["processor"])
+        run_stage(failing, stage, questions, tmp_path / "pipe-fail", ServiceAddress(), service["model_dir"])
     stages = tmp_path / "pipe-fail" / "stages" / TEACHER
     assert not stages.exists() or list(stages.iterdir()) == []  # nothing half-written
 
@@ -507,7 +494,7 @@ def _kill_reward_actor_mid_stage(judge_requests_url: str, earlier: set, killed: 
 def test_a_killed_reward_actor_loses_and_doubles_no_question(service, tmp_path):
     config = _llm_config(tmp_path, service, "slow", "fail_stage", data={"train_size": 40})
     config.rewards.batch_size = 2
-    plan, train = _stage_inputs(config)
+    plan, questions, train = _stage_inputs(config)
     stage = plan[0]
     killed, stop = [], threading.Event()
     requests_url = f"http://127.0.0.1:{service['port']}{JUDGE_ROUTE}/requests"
@@ -519,7 +506,7 @@ def test_a_killed_reward_actor_loses_and_doubles_no_question(service, tmp_path):
     )
     killer.start()
     try:
-        result = run_stage(config, stage, train, tmp_path / "pipe", ServiceAddress(), service["processor"])
+        result = run_stage(config, stage, questions, tmp_path / "pipe", ServiceAddress(), service["model_dir"])
     finally:
         stop.set()
         killer.join()
@@ -537,7 +524,7 @@ def test_a_stage_is_identified_by_what_produced_it_not_by_the_loss_that_consumes
     dataset answers (naive, sft), another teacher level or other sampling are other records."""
 
     def identity(**overrides):
-        return stage_config_hash(validate_config(overrides), "teacher-l", 0.0, 1, ["q1", "q2"], "students")
+        return stage_config_hash(validate_config(overrides), "teacher-l", 0.0, 1, ["q1", "q2"])
 
     full = identity(loss={"objective": "full"})
     assert identity(loss={"objective": "mask_progressive"}) == full
@@ -545,6 +532,7 @@ def test_a_stage_is_identified_by_what_produced_it_not_by_the_loss_that_consumes
     assert identity(loss={"objective": "naive"}, mask={"max_mask_ratio": 0.0}) != full
     assert identity(generation={"sampling": {"temperature": 0.7}}) != full
     assert identity(generation={"teacher_logprobs_dtype": "float32"}) != full
+    assert identity(models={"student": "zoo:teacher-m"}) != full  # the group holds the student's own responses
     # sft and naive score the same dataset answers, and nothing is sampled for them: seeds do not matter.
     naive = identity(loss={"objective": "naive"}, mask={"max_mask_ratio": 0.0})
     assert identity(loss={"objective": "sft"}, mask={"max_mask_ratio": 0.0}, generation={"seed": 3}) == naive

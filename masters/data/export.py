@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 COLUMNS = ("id", "family", "split", "question", "answer", "difficulty", "image", "meta")
 VERSION_KEY = b"masters_suite_version"
+# Questions per Parquet row group: what a reader of a few questions reads at least.
+ROWS_PER_ROW_GROUP = 64
 LMMS_EVAL_PROMPT = "\nAnswer the question using a single word or number."
 
 
@@ -55,7 +57,7 @@ def _check_samples(samples: Sequence[VQASample]) -> None:
 
 
 @contextmanager
-def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,10 +111,9 @@ def _atomic_directory(directory: str | os.PathLike, kind: str, samples: Sequence
 # --------------------------------------------------------------------------- Parquet
 
 
-def write_parquet(samples: Sequence[VQASample], path: str | os.PathLike) -> Path:
+def parquet_table(samples: Sequence[VQASample]) -> pa.Table:
     """One row per sample; the image as PNG bytes, meta as a JSON string, the suite version in the schema."""
-    _check_samples(samples)
-    table = pa.table(
+    return pa.table(
         {
             "id": pa.array([s.id for s in samples], pa.string()),
             "family": pa.array([s.family for s in samples], pa.string()),
@@ -125,8 +126,13 @@ def write_parquet(samples: Sequence[VQASample], path: str | os.PathLike) -> Path
             "meta": pa.array([json.dumps(s.meta, sort_keys=True) for s in samples], pa.string()),
         }
     ).replace_schema_metadata({VERSION_KEY: SUITE_VERSION.encode()})
-    with _atomic_file(path) as temporary:
-        pq.write_table(table, temporary)
+
+
+def write_parquet(samples: Sequence[VQASample], path: str | os.PathLike) -> Path:
+    """The samples as one Parquet file (`parquet_table`), in row groups of `ROWS_PER_ROW_GROUP`."""
+    _check_samples(samples)
+    with atomic_file(path) as temporary:
+        pq.write_table(parquet_table(samples), temporary, row_group_size=ROWS_PER_ROW_GROUP)
     return Path(path)
 
 
@@ -248,7 +254,7 @@ def write_vlmevalkit_tsv(samples: Sequence[VQASample], path: str | os.PathLike) 
     Put it at `$LMUData/<name>.tsv` to evaluate it as a custom VQA dataset.
     """
     _check_samples(samples)
-    with _atomic_file(path) as temporary:
+    with atomic_file(path) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
             writer.writerow(["index", "image", "question", "answer", "category", "difficulty", "split", "id"])

@@ -106,28 +106,43 @@ def make_sample(family: str, split: str, seed: int, index: int, image_size: int 
     return VQASample(key, family, split, out.question, out.answer, out.image, spec.difficulty, out.meta, response)
 
 
-def make_split(
-    split: str, size: int, seed: int = 0, families: Sequence[str] | None = None, image_size: int = 64
-) -> list[VQASample]:
-    """`size` samples with families interleaved round-robin, so every prefix is balanced and stable.
-
-    The default families are all of them, or those with held-out questions (the shape families) for `heldout`.
-    """
-    _check_split(split)
-    _check_int("size", size, minimum=0)
-    _check_int("seed", seed)
-    _check_image_size(image_size)
+def _split_families(split: str, families: Sequence[str] | None) -> Sequence[str]:
     if families is None:
-        families = HELDOUT_FAMILIES if split == "heldout" else FAMILIES
-    elif isinstance(families, str) or not families or len(set(families)) != len(families):
+        return HELDOUT_FAMILIES if split == "heldout" else FAMILIES
+    if isinstance(families, str) or not families or len(set(families)) != len(families):
         raise ValueError(
             f"families must be a non-empty list of distinct names from {', '.join(FAMILIES)}, got {families!r}"
         )
     for family in families:
         _check_family(family, split)
+    return families
+
+
+def make_split(
+    split: str, size: int, seed: int = 0, families: Sequence[str] | None = None, image_size: int = 64, start: int = 0
+) -> list[VQASample]:
+    """`size` samples from position `start`, with families interleaved round-robin, so every prefix is
+    balanced and stable and any slice can be made on its own (the suite is written in slices).
+
+    The default families are all of them, or those with held-out questions (the shape families) for `heldout`.
+    """
+    _check_split(split)
+    _check_int("size", size, minimum=0)
+    _check_int("start", start, minimum=0)
+    _check_int("seed", seed)
+    _check_image_size(image_size)
+    families = _split_families(split, families)
     return [
-        make_sample(families[i % len(families)], split, seed, i // len(families), image_size) for i in range(size)
+        make_sample(families[i % len(families)], split, seed, i // len(families), image_size)
+        for i in range(start, start + size)
     ]
+
+
+def split_ids(split: str, size: int, seed: int = 0, families: Sequence[str] | None = None) -> list[str]:
+    """The ids of `make_split(split, size, seed, families)`, without making the samples."""
+    _check_split(split)
+    families = _split_families(split, families)
+    return [sample_id(families[i % len(families)], split, seed, i // len(families)) for i in range(size)]
 
 
 def text_corpus(seed: int = 0, size: int = 2000) -> list[str]:
