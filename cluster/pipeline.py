@@ -133,11 +133,13 @@ class StepResult:
 
 
 def _with_samples(dataset, config: MastersConfig, address: ServiceAddress, n: int, source: str):
-    """Add `n` sampled responses per question from `source`'s model (Ray tasks, a few in flight)."""
+    """Add `n` sampled responses per question from `source`'s model (Ray tasks, a few in flight), a
+    block (at most one engine batch of questions, `_stage_reads`) per call. A `batch_size` here would
+    count the read step's rows, which are row-group reads, and bundle a whole stage into one task."""
     return dataset.map_batches(
         sample_responses,
         batch_format="pyarrow",
-        batch_size=config.serve.max_batch_size,
+        batch_size=None,
         compute=TaskPoolStrategy(size=SAMPLING_TASKS),
         num_cpus=SAMPLING_TASK_CPUS,
         fn_kwargs={"address": address, "config": config, "n": n, "source": source},

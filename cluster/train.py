@@ -68,6 +68,7 @@ class StageTrainResult:
     metrics: list[dict[str, float]]  # one entry per optimizer step of the stage
     student_dir: Path  # loadable with AutoModelForImageTextToText + AutoProcessor
     steps: int
+    checkpoint: str | None  # the stage's end checkpoint in the Ray run's storage (weights and optimizer state)
 
     @classmethod
     def read(cls, out_dir: str | Path) -> StageTrainResult | None:
@@ -76,7 +77,7 @@ class StageTrainResult:
         if not path.is_file():
             return None
         result = json.loads(path.read_text())
-        return cls(result["stage_id"], result["metrics"], Path(out_dir) / STUDENT_SUBDIR, result["steps"])
+        return cls(result["stage_id"], result["metrics"], Path(out_dir) / STUDENT_SUBDIR, result["steps"], result.get("checkpoint"))
 
 
 # --------------------------------------------------------------------------- strategies
@@ -274,12 +275,16 @@ def _save_student(strategy, student_in: Path, processor, directory: Path, rank: 
         save_model(model, processor, directory / STUDENT_SUBDIR)
 
 
-def _publish_stage(checkpoint_dir: Path, stage: TrainingStage, metrics: list[dict[str, float]]) -> None:
-    """Copy a stage-end checkpoint's student to the stage's out_dir, then its metrics (the 'done' signal)."""
+def _publish_stage(checkpoint_dir: Path, stage: TrainingStage, metrics: list[dict[str, float]], persisted: Path) -> None:
+    """Copy a stage-end checkpoint's student to the stage's out_dir, then its metrics and where Ray persisted
+    the checkpoint (the 'done' signal)."""
     out_dir = Path(stage.out_dir)
     with atomic_directory(out_dir / STUDENT_SUBDIR) as tmp:
         shutil.copytree(checkpoint_dir / STUDENT_SUBDIR, tmp, dirs_exist_ok=True)
-    atomic_write_json(out_dir / STAGE_RESULT_FILE, {"stage_id": stage.stage_id, "steps": stage.steps, "metrics": metrics})
+    atomic_write_json(
+        out_dir / STAGE_RESULT_FILE,
+        {"stage_id": stage.stage_id, "steps": stage.steps, "metrics": metrics, "checkpoint": str(persisted)},
+    )
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -320,14 +325,31 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     # Where the run is: stages finished, and the stage under way with its updates so far.
     progress = {"completed": [], "stage_id": None, "step": 0, "metrics": []}
+
+    def restore(directory: Path) -> None:
+        strategy.load_state(directory)
+        progress.update(json.loads((directory / PROGRESS_FILE).read_text()))
+
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            strategy.load_state(Path(directory))
-            progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
+            restore(Path(directory))
             last_done = next((s for s in stages if progress["completed"] and s.stage_id == progress["completed"][-1]), None)
             if rank == 0 and progress["stage_id"] is None and last_done and StageTrainResult.read(last_done.out_dir) is None:
-                _publish_stage(Path(directory), last_done, progress["metrics"])
+                _publish_stage(Path(directory), last_done, progress["metrics"], directory)
+    finished = StageTrainResult.read(loop_config["finished_stage_dir"]) if loop_config["finished_stage_dir"] else None
+    if finished is not None and finished.stage_id not in progress["completed"]:
+        # Ray's latest checkpoint predates the stage the driver already took as finished (a kill between
+        # the stage's publication and Ray recording its checkpoint), or Ray's run is gone: continue from
+        # that stage's own end checkpoint, weights and optimizer state, as the uninterrupted run does.
+        if finished.checkpoint is not None and Path(finished.checkpoint).is_dir():
+            restore(Path(finished.checkpoint))
+        elif checkpoint is not None:
+            raise RuntimeError(
+                f"the trainer's latest checkpoint predates stage {finished.stage_id}, whose own end checkpoint "
+                f"{finished.checkpoint!r} is gone; restore it, or start a new run (--set name=...)"
+            )
+        # No checkpoint at all (the run's ray_train directory was removed): from the stage's student, fresh AdamW.
 
     def report(metrics: dict[str, float], stage: TrainingStage, stage_metrics: list, final: bool) -> None:
         directory = Path(tempfile.mkdtemp(prefix=f"masters-ckpt-{rank}-"))
@@ -342,15 +364,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             keep = strategy.save_state(directory, rank)
             if final:
                 _save_student(strategy, student_in, processor, directory, rank)
-            slug = stage.stage_id.replace("/", "-")
-            ray.train.report(
-                metrics,
-                checkpoint=Checkpoint.from_directory(directory) if keep else None,
-                checkpoint_dir_name=f"{slug}-{'end' if final else 'step_%05d' % position['step']}",
-            )
+            name = f"{stage.stage_id.replace('/', '-')}-{'end' if final else 'step_%05d' % position['step']}"
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if keep else None, checkpoint_dir_name=name)
             # Published only once the checkpoint is persisted, so a published stage is never trained again.
             if final and rank == 0:
-                _publish_stage(directory, stage, stage_metrics)
+                _publish_stage(directory, stage, stage_metrics, Path(loop_config["checkpoint_root"]) / name)
             progress.update(position)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -438,13 +456,16 @@ def train_curriculum(
     reference: str | Path,
     run_name: str,
     storage_path: str | None = None,
+    finished_stage_dir: str | Path | None = None,
 ) -> list[StageTrainResult]:
     """Train the student through `stages` in order in one `fit()`; returns every stage's published result.
 
     `student_in` is where training starts (the initial student, or the last finished stage's output
     when the run's checkpoints are gone); `reference` stays the initial student for the whole run.
     Stage records come through `records_gate`. Re-running with the same `run_name` and
-    `storage_path` (default `config.storage_path`) continues from the run's latest checkpoint.
+    `storage_path` (default `config.storage_path`) continues from the run's latest checkpoint, or,
+    when that predates the stage published in `finished_stage_dir` (the last stage the caller already
+    took as finished), from that stage's own end checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -456,6 +477,7 @@ def train_curriculum(
         if stage.steps < 1:
             raise ValueError(f"stage {stage.stage_id!r} has {stage.steps} optimizer steps; it needs at least 1")
     train = config.train
+    storage = Path(storage_path or config.storage_path).resolve()  # Ray wants it absolute
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -465,6 +487,8 @@ def train_curriculum(
             "records_gate": records_gate,
             "student_in": str(Path(student_in).resolve()),
             "reference": str(Path(reference).resolve()),
+            "finished_stage_dir": str(Path(finished_stage_dir).resolve()) if finished_stage_dir else None,
+            "checkpoint_root": str(storage / run_name),  # where Ray persists this run's checkpoints
         },
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -474,7 +498,7 @@ def train_curriculum(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(Path(storage_path or config.storage_path).resolve()),  # Ray wants it absolute
+            storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # the latest is what a resume needs
             # A dead worker restarts the group from the latest checkpoint: nothing trained twice.
             failure_config=FailureConfig(max_failures=train.max_failures),

@@ -183,6 +183,7 @@ def distill(
             reference=model_paths[STUDENT],
             run_name=f"{config.name}-student",
             storage_path=str(run_dir / "ray_train"),
+            finished_stage_dir=stage_output(run_dir, state.completed[-1]) if state.completed else None,
         )
         for stage in pending:
             trained = wait_for_stage(stage, run_dir, generation, training)

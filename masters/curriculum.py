@@ -1,7 +1,7 @@
 """The restoration curriculum: teachers in chain order × mask stages × data chunks, and where a run is.
 
 Our reading of the method (docs/method.md §1-2): one pass over the train questions, shuffled with
-`data.seed`, is split between the teachers in proportion to `iteration_weight`; each teacher's share
+`data.seed` (in blocks of up to a row group at scale, `shuffled_questions`), is split between the teachers in proportion to `iteration_weight`; each teacher's share
 is cut into M contiguous, equal chunks, and chunk k is trained with the responses of the teacher
 masked at stage k's ratio r_max − k·s (the last stage is the full teacher). A stage's trainer draws
 `questions_per_batch` questions per optimizer update from its chunk in order, wrapping around, for
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from masters.config import MastersConfig, ratio_label
+from masters.data.export import ROWS_PER_ROW_GROUP
 from masters.io import atomic_write_json
 
 STATE_VERSION = 1
@@ -66,6 +67,20 @@ def _split_equally(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
 
 
+def shuffled_questions(num_questions: int, num_stages: int, seed: int) -> list[int]:
+    """The train split's positions in training order: a shuffle of blocks of consecutive positions.
+
+    A block is as many questions as a dataset row group (`ROWS_PER_ROW_GROUP`) when every stage still
+    gets at least that many blocks, fewer otherwise, down to single questions (a plain shuffle) for
+    small runs. Each stage then reads whole row groups, each once, instead of a few questions of every
+    row group of the split (10 stages read a 1.5M-question split 10 times over).
+    """
+    block = max(1, min(ROWS_PER_ROW_GROUP, num_questions // (num_stages * ROWS_PER_ROW_GROUP)))
+    blocks = [list(range(start, min(start + block, num_questions))) for start in range(0, num_questions, block)]
+    random.Random(seed).shuffle(blocks)  # with blocks of one, the same permutation as shuffling positions
+    return [position for positions in blocks for position in positions]
+
+
 def plan_curriculum(config: MastersConfig, num_questions: int) -> list[Stage]:
     """Every stage of the run in training order (see the module docstring for the rules)."""
     if num_questions < 1:
@@ -83,8 +98,7 @@ def plan_curriculum(config: MastersConfig, num_questions: int) -> list[Stage]:
             "set train.epochs=1 or train.iterations=null"
         )
 
-    order = list(range(num_questions))
-    random.Random(config.data.seed).shuffle(order)
+    order = shuffled_questions(num_questions, len(teachers) * num_stages, config.data.seed)
     question_shares = _split_by_weight(num_questions, weights)
     for teacher, share in zip(teachers, question_shares):
         if share < num_stages:

@@ -126,3 +126,24 @@ def test_state_walks_the_plan_and_round_trips_through_disk(tmp_path):
         CurriculumState.load(tmp_path / "broken.json")
     with pytest.raises(ValueError, match="lacks fields"):
         CurriculumState.from_dict({"version": 1, "completed": []})
+
+
+def test_large_splits_are_shuffled_in_row_group_blocks_small_ones_question_by_question():
+    import random
+
+    from masters.curriculum import shuffled_questions
+
+    plain = list(range(500))
+    random.Random(3).shuffle(plain)
+    assert shuffled_questions(500, 10, seed=3) == plain  # small runs keep the plain shuffle
+    order = shuffled_questions(200_000, 10, seed=3)
+    assert sorted(order) == list(range(200_000)) and order != sorted(order)
+    # Every stage's 20,000 questions are whole aligned blocks of 64: each row group is read by one stage.
+    stages = [order[k * 20_000 : (k + 1) * 20_000] for k in range(10)]
+    row_groups = [{position // 64 for position in stage} for stage in stages]
+    assert sum(len(groups) for groups in row_groups) <= 200_000 // 64 + 10  # at most a split block per stage boundary
+    # In between, blocks shrink so every stage still mixes at least 64 blocks.
+    mid = shuffled_questions(10 * 64 * 8, 10, seed=3)
+    blocks = [mid[i : i + 8] for i in range(0, len(mid), 8)]
+    assert all(block == list(range(block[0], block[0] + 8)) and block[0] % 8 == 0 for block in blocks)
+    assert sorted(block[0] for block in blocks) != [block[0] for block in blocks]

@@ -70,13 +70,16 @@ def storage(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def run(config, stage, micro_model_dir, storage, name, stages=STAGES) -> list[StageTrainResult]:
-    """Train `stages` (all over the records in `stage`) as run `name`."""
+def run(config, stage, micro_model_dir, storage, name, stages=STAGES, student_in=None, finished=None) -> list[StageTrainResult]:
+    """Train `stages` (all over the records in `stage`) as run `name`, from `student_in` (default: the
+    initial student) after the stage published in `finished`, if given."""
     records_gate = RecordsGate.remote()
     for stage_id, _ in stages:
         records_gate.ready.remote(stage_id, str(stage))
     plan = [TrainingStage(stage_id, steps, str(storage / "out" / name / stage_id.replace("/", "-"))) for stage_id, steps in stages]
-    return train_curriculum(config, plan, records_gate, micro_model_dir, micro_model_dir, name, str(storage))
+    return train_curriculum(
+        config, plan, records_gate, student_in or micro_model_dir, micro_model_dir, name, str(storage), finished_stage_dir=finished
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +147,20 @@ def test_resumed_fsdp2_run_matches_uninterrupted_ddp_run(ddp_run, stage, micro_m
         assert torch.equal(weights(resumed_first.student_dir)[name], tensor), name
     assert [m["step"] for m in resumed_second.metrics] == [1, 2]
     assert_same_student(resumed_second, ddp_run[1], STRATEGY_TOLERANCE)
+
+
+def test_a_stage_continues_from_the_finished_stage_when_rays_checkpoint_lags(ddp_run, stage, micro_model_dir, storage):
+    """The driver takes a stage as finished once it is published; a kill before Ray records the stage's end
+    checkpoint leaves Ray's latest checkpoint behind. Here Ray's run has none at all (a new run name):
+    stage b must still start from stage a's own end checkpoint, weights and AdamW state, and match the
+    uninterrupted run (a fresh optimizer would move the weights by about lr)."""
+    config = trainer_config("ddp")
+    (first,) = run(config, stage, micro_model_dir, storage, "lag-a", stages=STAGES[:1])
+    assert first.checkpoint == str(storage / "lag-a" / "teacher-l-0-end")
+    (second,) = run(config, stage, micro_model_dir, storage, "lag-b", stages=STAGES[1:],
+                    student_in=first.student_dir, finished=first.student_dir.parent)  # fmt: skip
+    assert [m["step"] for m in second.metrics] == [1, 2]
+    assert_same_student(second, ddp_run[1], tolerance=0.0)
 
 
 def test_deepspeed_zero3_matches_ddp(ddp_run, stage, micro_model_dir, storage):
