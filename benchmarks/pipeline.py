@@ -6,7 +6,8 @@
 Both sides do the same work with the micro model (briefly trained on the suite, so its samples are
 answers) as teacher and student: `group_teacher` = 4 samples of 16 tokens per question from the
 teacher at mask ratio 0.1 and 4 from the unmasked student, the teacher's top-64 log-probs on every
-response token, rule-based R_acc, and Parquet output. The baseline runs the same
+response token (recorded while the teacher samples its own, a score pass for the student's),
+rule-based R_acc, and Parquet output. The baseline runs the same
 engine code (`serve.engine.TransformersEngine`) in this process, one engine batch after another; the
 pipeline runs `cluster.pipeline.run_stage` against the Serve app (two replicas per model) with two
 reward actors. The loop is timed with 1 and with 2 torch threads; the faster one is the baseline.
@@ -91,7 +92,7 @@ def stage_of(config, questions: int):
     )
 
 
-def sample(engine, config, prompts, rows, model: str, n: int):
+def sample(engine, config, prompts, rows, model: str, n: int, score_top_k: int | None = None):
     from cluster.responses import request_seed
     from serve.engine import Sampling
 
@@ -108,6 +109,7 @@ def sample(engine, config, prompts, rows, model: str, n: int):
                     top_k=sampling.top_k,
                     repetition_penalty=sampling.repetition_penalty,
                     seed=request_seed(config.generation.seed, model, row["question_id"]),
+                    score_top_k=score_top_k,
                 ),
             )
             for prompt, row in zip(prompts, rows)
@@ -143,27 +145,28 @@ def stage_records(engine, student_engine, config, rows: list[dict], times: dict[
         ]
         times["encode"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        teacher = sample(engine, config, prompts, chunk, model, generation.group_teacher)
+        # The teacher's scores of its own samples are recorded while sampling, as the service does.
+        teacher = sample(engine, config, prompts, chunk, model, generation.group_teacher, generation.teacher_topk)
         student = sample(student_engine, config, prompts, chunk, STUDENT, generation.group_student)
         times["generate"] += time.perf_counter() - clock
         groups = [
-            [{"source": "teacher", "text": c.text, "token_ids": c.token_ids} for c in by_teacher]
-            + [{"source": "student", "text": c.text, "token_ids": c.token_ids} for c in by_student]
+            [{"source": "teacher", "text": c.text, "token_ids": c.token_ids, "scores": c.scores} for c in by_teacher]
+            + [{"source": "student", "text": c.text, "token_ids": c.token_ids, "scores": None} for c in by_student]
             for by_teacher, by_student in zip(teacher, student)
         ]
         clock = time.perf_counter()
-        # One engine batch holds at most max_batch_size items, as a Serve replica's does.
-        items = [(prompt, r["token_ids"], generation.teacher_topk) for prompt, group in zip(prompts, groups) for r in group]
-        scores = []
+        # The student's responses are scored; one engine batch holds at most max_batch_size items, as a replica's does.
+        unscored = [r for group in groups for r in group if r["scores"] is None]
+        items = [(prompt, r["token_ids"], generation.teacher_topk) for prompt, group in zip(prompts, groups) for r in group if r["scores"] is None]
         for offset in range(0, len(items), batch_size):
-            scores += engine.score(items[offset : offset + batch_size])
+            for response, score in zip(unscored[offset : offset + batch_size], engine.score(items[offset : offset + batch_size])):
+                response["scores"] = score
         times["score"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        scored = iter(scores)
         for row, group in zip(chunk, groups):
             responses = []
             for response in group:
-                score = next(scored)
+                score = response.pop("scores")
                 responses.append(
                     {
                         **response,
@@ -303,7 +306,7 @@ class CpuByRole:
             return "driver (this process)"
         for needle, role in (
             (f"ServeReplica:masters:{TEACHER}", "teacher replicas"),
-            ("ServeReplica:masters:student", "student replicas (idle)"),
+            ("ServeReplica:masters:student", "student replicas"),
             ("sample_responses", "sampling tasks"),
             ("RewardScorer", "reward actors"),
             ("EngineWorker", "engine actors (probe)"),

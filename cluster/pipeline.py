@@ -322,6 +322,7 @@ class _StageTally:
     accuracy_sum_by_source: dict[str, float] = field(default_factory=dict)
     judge_calls: int = 0
     judge_retries: int = 0
+    scored_after_sampling: int = 0
     dropped: dict[str, str] = field(default_factory=dict)
 
     def add(self, batch: pa.Table, on_failure: str, stage: str) -> pa.Table:
@@ -344,6 +345,7 @@ class _StageTally:
             self.dropped[question_id] = failure
         kept = batch.take(keep)
         self.records += kept.num_rows
+        self.scored_after_sampling += pc.sum(kept.column("teacher_forwards")).as_py() or 0
         # Arrow compute, not to_pylist: the responses carry the teacher's top-k, ~16k numbers a group.
         responses = pc.list_flatten(kept.column("responses"))
         per_source = (
@@ -363,6 +365,8 @@ class _StageTally:
             "records": self.records,
             "dropped_groups": len(self.dropped),
             "responses_by_source": self.responses_by_source,
+            # Responses the reward actors had the teacher score; its own samples were scored while sampling.
+            "scored_after_sampling": self.scored_after_sampling,
             # NaN (rewards.use_accuracy off) is written as null: the manifest stays strict JSON.
             "mean_accuracy_by_source": {
                 source: _finite_or_none(self.accuracy_sum_by_source[source] / count)

@@ -30,13 +30,16 @@ from ray.serve.handle import DeploymentHandle
 from cluster.judge import JudgeClient, JudgeError
 from masters.config import MastersConfig
 from masters.data.source import read_questions
-from masters.records import STAGE_SCHEMA, responses_array
+from masters.records import RESPONSE_TYPE, STAGE_SCHEMA, responses_array
 from masters.rewards import rule_accuracy
 from serve.api import ChatCompletionRequest, ChatCompletionResponse, ScoreRequest, ScoreResponse, TokenScores
 from serve.levels import STUDENT, model_handle
 
-# A generated response before rewards: what sampling and the student join produce.
-DRAFT_RESPONSE_TYPE = pa.struct([("source", pa.string()), ("text", pa.string()), ("token_ids", pa.list_(pa.int32()))])
+# A generated response before rewards. The teacher's own samples carry its scores, recorded while
+# sampling; the others get them from the reward actors (null until then).
+DRAFT_RESPONSE_TYPE = pa.struct(
+    [RESPONSE_TYPE.field(name) for name in ("source", "text", "token_ids", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")]
+)
 # Rows between the steps: the stage record's question fields, the model to ask, the draft group.
 DRAFT_SCHEMA = pa.schema(
     [*(STAGE_SCHEMA.field(name) for name in STAGE_SCHEMA.names if name != "responses"),
@@ -44,9 +47,16 @@ DRAFT_SCHEMA = pa.schema(
      ("responses", pa.list_(DRAFT_RESPONSE_TYPE))]
 )
 # What the reward actors emit: stage records plus bookkeeping the driver strips before writing.
-SCORED_SCHEMA = STAGE_SCHEMA.append(pa.field("judge_calls", pa.int32())).append(
-    pa.field("judge_retries", pa.int32())
-).append(pa.field("judge_failure", pa.string()))  # null, or why this group has no R_acc
+SCORED_SCHEMA = pa.schema(
+    [
+        *STAGE_SCHEMA,
+        ("judge_calls", pa.int32()),
+        ("judge_retries", pa.int32()),
+        ("judge_failure", pa.string()),  # null, or why this group has no R_acc
+        ("teacher_forwards", pa.int32()),  # responses the reward actor had the teacher score (not recorded while sampling)
+    ],
+    metadata=STAGE_SCHEMA.metadata,
+)
 
 # Judge requests one reward actor keeps in flight.
 JUDGE_CALLS_IN_FLIGHT = 16
@@ -270,15 +280,18 @@ def sample_responses(
     batch: pa.Table, address: ServiceAddress, config: MastersConfig, n: int, source: str
 ) -> pa.Table:
     """Ask for `n` samples per question and put them in front of the group: from the stage's teacher
-    level (`model_id`), or from the initial student when `source` is `student`."""
+    level (`model_id`), with its top-k scores recorded while sampling, or from the initial student when
+    `source` is `student` (scored by the teacher later, in the reward actors)."""
     rows = batch.to_pylist()
-    models = [STUDENT if source == "student" else row["model_id"] for row in rows]
+    teacher = source == "teacher"
+    models = [row["model_id"] if teacher else STUDENT for row in rows]
     requests = [
         ChatCompletionRequest(
             model=model,
             messages=image_messages(row["image_png"], row["question"]),
             n=n,
             seed=request_seed(config.generation.seed, model, row["question_id"]),
+            score_top_k=config.generation.teacher_topk if teacher else None,
             **_sampling_fields(config),
         )
         for row, model in zip(rows, models)
@@ -287,13 +300,24 @@ def sample_responses(
     for row, model, reply in zip(rows, models, replies, strict=True):
         if len(reply.choices) != n:
             raise RuntimeError(f"{model} returned {len(reply.choices)} choices for n={n}")
-        sampled = [{"source": source, "text": c.message.content, "token_ids": c.token_ids} for c in reply.choices]
+        sampled = [{"source": source, "text": c.message.content, "token_ids": c.token_ids, **_recorded(c)} for c in reply.choices]
         row["responses"] = sampled + row["responses"]
     return pa.Table.from_pylist(rows, schema=DRAFT_SCHEMA)
 
 
+def _recorded(choice) -> dict:
+    """The teacher's scores of its own sample, recorded while sampling, as response fields (null if none)."""
+    scores = choice.scores
+    if scores is None:
+        return {"teacher_topk_ids": None, "teacher_topk_logprobs": None, "teacher_tail_mass": None}
+    if scores.token_ids != choice.token_ids:
+        raise RuntimeError("the service recorded scores for other tokens than it sampled")
+    return {"teacher_topk_ids": scores.top_ids, "teacher_topk_logprobs": scores.top_logprobs, "teacher_tail_mass": scores.tail_mass}
+
+
 class RewardScorer:
-    """A reward actor: the teacher's top-k log-probs on every response token, and R_acc per response.
+    """A reward actor: the teacher's top-k log-probs on every response token that has none yet (the
+    student's; the teacher's own samples were scored while sampling), and R_acc per response.
 
     A judge failure marks the whole group (`judge_failure`) instead of raising, so the driver applies
     the stage's policy with the full count; no failed response is ever scored 0.
@@ -321,6 +345,9 @@ class RewardScorer:
         for row, scores, (rewards, _, _, _) in zip(rows, teacher_scores, accuracy, strict=True):
             group = []
             for response, score, reward in zip(row["responses"], scores, rewards, strict=True):
+                if score is None:  # recorded while sampling
+                    group.append({**response, "accuracy_reward": reward})
+                    continue
                 if not np.array_equal(score.token_ids, response["token_ids"]):
                     raise RuntimeError(f"{row['model_id']} scored other tokens than sent for question {row['question_id']}")
                 group.append(
@@ -337,22 +364,29 @@ class RewardScorer:
         # The question fields pass through as Arrow columns; only the responses are built here.
         question_fields = [batch.column(name).cast(STAGE_SCHEMA.field(name).type) for name in STAGE_SCHEMA.names[:-1]]
         _, calls, retries, failures = zip(*accuracy) if accuracy else ((), (), (), ())
-        bookkeeping = [pa.array(calls, pa.int32()), pa.array(retries, pa.int32()), pa.array(failures, pa.string())]
+        forwards = [sum(score is not None for score in group) for group in teacher_scores]
+        bookkeeping = [pa.array(calls, pa.int32()), pa.array(retries, pa.int32()), pa.array(failures, pa.string()), pa.array(forwards, pa.int32())]
         return pa.Table.from_arrays([*question_fields, responses_array(groups), *bookkeeping], schema=SCORED_SCHEMA)
 
-    def _teacher_scores(self, rows: list[dict]) -> list[list[TokenScores]]:
-        """Per group, the teacher's scores of its responses in order; requests hold at most serve.max_n items."""
+    def _teacher_scores(self, rows: list[dict]) -> list[list[TokenScores | None]]:
+        """Per group, the teacher's scores of its responses in order, None where they were recorded while
+        sampling; requests hold at most serve.max_n items."""
         requests, owners = [], []
+        scores: list[list[TokenScores | None]] = []
         for index, row in enumerate(rows):
+            unscored = [i for i, r in enumerate(row["responses"]) if r["teacher_topk_ids"] is None]
+            scores.append([None] * len(row["responses"]))
+            if not unscored:
+                continue
             messages = image_messages(row["image_png"], row["question"])
-            for start in range(0, len(row["responses"]), self.items_per_request):
-                chunk = row["responses"][start : start + self.items_per_request]
-                items = [{"messages": messages, "response_token_ids": r["token_ids"]} for r in chunk]
+            for start in range(0, len(unscored), self.items_per_request):
+                chunk = unscored[start : start + self.items_per_request]
+                items = [{"messages": messages, "response_token_ids": row["responses"][i]["token_ids"]} for i in chunk]
                 requests.append(ScoreRequest(model=row["model_id"], items=items, top_k=self.top_k))
-                owners.append(index)
-        scores: list[list[TokenScores]] = [[] for _ in rows]
-        for owner, reply in zip(owners, self.client.score_many(requests), strict=True):
-            scores[owner] += reply
+                owners.append((index, chunk))
+        for (index, chunk), reply in zip(owners, self.client.score_many(requests), strict=True):
+            for position, score in zip(chunk, reply, strict=True):
+                scores[index][position] = score
         return scores
 
     def _accuracy(self, rows: list[dict]) -> list[tuple[list[float], int, int, str | None]]:

@@ -97,6 +97,13 @@ class ChatCompletionRequest(_Request):
     seed: int | None = Field(None, description="Same seed and request: same samples, whatever shares the batch.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    score_top_k: int | None = Field(
+        None,
+        ge=1,
+        description="Masters extension: per generated token, the model's top-k log-probs of its unprocessed "
+        "distribution (before temperature, top-p, top-k and repetition penalty) and the mass outside them, in "
+        "each choice's `scores`, as `/v1/score` would return them; capped at the vocabulary size.",
+    )
     stream: bool = Field(False, description="Server-sent `chat.completion.chunk` events, once the completion is generated.")
     stream_options: StreamOptions | None = None
 
@@ -132,12 +139,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ScoreData(BaseModel):
+    """Per response token: its log-prob, the model's top-k ids and log-probs, and the mass outside the top-k."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+    tail_mass: list[float]
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
     logprobs: ChoiceLogprobs | None = None
     token_ids: list[int] = Field(description="Generated token ids, the final EOS included when finish_reason is stop.")
+    scores: ScoreData | None = Field(
+        None, description="With `score_top_k`: what `/v1/score` returns for these token_ids, recorded while sampling."
+    )
 
 
 class Usage(BaseModel):
@@ -272,17 +293,6 @@ class ScoreRequest(_Request):
     model: str
     items: list[ScoreItem] = Field(min_length=1)
     top_k: int | None = Field(None, ge=1, description="Default generation.teacher_topk; capped at the vocabulary size.")
-
-
-class ScoreData(BaseModel):
-    """Per response token: its log-prob, the model's top-k ids and log-probs, and the mass outside the top-k."""
-
-    index: int
-    token_ids: list[int]
-    logprobs: list[float]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-    tail_mass: list[float]
 
 
 @dataclass(frozen=True, eq=False)

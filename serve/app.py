@@ -151,7 +151,8 @@ class ModelServer:
         if request.seed is not None:
             fields["seed"] = request.seed
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        return Sampling(n=request.n, max_tokens=max_tokens, top_logprobs=top_logprobs, **fields)
+        score_top_k = min(request.score_top_k, self.engine.max_top_k) if request.score_top_k else None
+        return Sampling(n=request.n, max_tokens=max_tokens, top_logprobs=top_logprobs, score_top_k=score_top_k, **fields)
 
     def _encode(self, messages, extra_tokens: int, param: str) -> EncodedPrompt:
         prompt = self.engine.encode_chat(chat_prompt(messages, self.config.serve))
@@ -177,6 +178,7 @@ class ModelServer:
                 finish_reason=completion.finish_reason,
                 token_ids=completion.token_ids,
                 logprobs=self._choice_logprobs(completion),
+                scores=completion.scores.to_data(index) if completion.scores is not None else None,
             )
             for index, completion in enumerate(completions)
         ]

@@ -70,6 +70,7 @@ class Sampling:
     repetition_penalty: float
     seed: int = field(default_factory=lambda: secrets.randbits(63))
     top_logprobs: int | None = None  # None: no log-probs returned; 0: only the sampled token's
+    score_top_k: int | None = None  # record each sampled token's scores, as `score` would return them
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     # Per generated token: (token id, log-prob, [(top id, top log-prob), ...]) when asked for.
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    scores: TokenScores | None = None  # with `Sampling.score_top_k`: the unprocessed distribution's top-k
 
 
 class Engine(Protocol):
@@ -131,14 +133,18 @@ def seeded_generator(seed: int, sample_index: int, device: torch.device) -> torc
 
 def top_k_scores(logprobs: torch.Tensor, token_ids: torch.Tensor, top_k: int) -> TokenScores:
     """`logprobs` [T, V] predicting `token_ids` [T]: the scored tokens' log-probs, top-k and tail mass."""
-    token_logprobs = logprobs.gather(-1, token_ids[:, None])[:, 0]
     top = logprobs.topk(top_k, dim=-1)
-    tail_mass = (1.0 - top.values.double().exp().sum(-1)).clamp_min(0.0)
+    return token_scores(token_ids, logprobs.gather(-1, token_ids[:, None])[:, 0], top.values, top.indices)
+
+
+def token_scores(token_ids: torch.Tensor, token_logprobs: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor) -> TokenScores:
+    """[T] tokens and their log-probs, [T, k] top log-probs and ids: with the tail mass, as arrays."""
+    tail_mass = (1.0 - top_values.double().exp().sum(-1)).clamp_min(0.0)
     return TokenScores(
         token_ids=token_ids.to(torch.int32).cpu().numpy(),
         logprobs=token_logprobs.float().cpu().numpy(),
-        top_ids=top.indices.to(torch.int32).cpu().numpy(),
-        top_logprobs=top.values.float().cpu().numpy(),
+        top_ids=top_ids.to(torch.int32).cpu().numpy(),
+        top_logprobs=top_values.float().cpu().numpy(),
         tail_mass=tail_mass.float().cpu().numpy(),
     )
 
@@ -253,6 +259,8 @@ class TransformersEngine:
         max_tokens = column("max_tokens", torch.long)
         generators = [seeded_generator(params[i].seed, sample, device) for i, (_, sample) in enumerate(rows)]
         want_logprobs = [p.top_logprobs is not None for p in params]
+        score_k = max((p.score_top_k for p in params if p.score_top_k), default=0)
+        steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step, with score_k
 
         inputs = self._forward_inputs(prompts)
         seen = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool, device=device)
@@ -276,8 +284,13 @@ class TransformersEngine:
                 else:
                     next_tokens[row] = torch.multinomial(sample_logprobs[row].exp(), 1, generator=generators[row])[0]
                 generated[row].append(int(next_tokens[row]))
-            if any(want_logprobs):
+            if score_k or any(want_logprobs):  # the model's own distribution, before any sampling filter
                 model_logprobs = logits.log_softmax(-1)
+            if score_k:
+                top = model_logprobs.topk(score_k, dim=-1)
+                chosen = model_logprobs.gather(-1, next_tokens[:, None])[:, 0]
+                steps.append((~finished, chosen, top.values, top.indices))
+            if any(want_logprobs):
                 for row in range(len(rows)):
                     if want_logprobs[row] and not finished[row]:
                         token = int(next_tokens[row])
@@ -299,9 +312,17 @@ class TransformersEngine:
                 use_cache=True,
             )
 
+        if score_k:
+            active, chosen, top_values, top_ids = (torch.stack(parts) for parts in zip(*steps))  # [steps, rows, ...]
         results: list[list[Completion]] = [[] for _ in batch]
         for row, (request, _) in enumerate(rows):
             tokens = generated[row]
+            scores = None
+            if params[row].score_top_k:
+                k, taken = params[row].score_top_k, active[:, row]
+                scores = token_scores(
+                    torch.tensor(tokens), chosen[taken, row], top_values[taken, row, :k], top_ids[taken, row, :k]
+                )
             stopped = bool(tokens) and tokens[-1] in self.family.stop_token_ids
             text = self.tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
             results[request].append(
@@ -310,6 +331,7 @@ class TransformersEngine:
                     token_ids=tokens,
                     finish_reason="stop" if stopped else "length",
                     logprobs=token_logprobs[row] if want_logprobs[row] else None,
+                    scores=scores,
                 )
             )
         return results

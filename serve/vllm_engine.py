@@ -82,6 +82,18 @@ def _set_level(model: torch.nn.Module, mask_ratio: float) -> None:
 # --------------------------------------------------------------------------- the engine
 
 
+def _token_scores(tokens: list[int], positions: list[dict], top_k: int) -> TokenScores:
+    """Per token, vLLM's log-prob dict (the top-k by rank plus the token itself) as `TokenScores`."""
+    logprobs, top_ids, top_logprobs, tail_mass = [], [], [], []
+    for token, entry in zip(tokens, positions):
+        top = _ranked(entry, top_k)
+        logprobs.append(entry[token].logprob)
+        top_ids.append([t for t, _ in top])
+        top_logprobs.append([lp for _, lp in top])
+        tail_mass.append(max(0.0, 1.0 - float(torch.tensor(top_logprobs[-1], dtype=torch.float64).exp().sum())))
+    return TokenScores.from_lists(tokens, logprobs, top_ids, top_logprobs, tail_mass)
+
+
 def _ranked(entry: dict, k: int) -> list[tuple[int, float]]:
     """(token id, log-prob) of ranks 1..k from one position's vLLM `Logprob` dict."""
     return [(token, lp.logprob) for token, lp in sorted(entry.items(), key=lambda item: item[1].rank) if lp.rank <= k]
@@ -160,7 +172,9 @@ class VLLMEngine:
                 top_k=sampling.top_k if sampling.top_k > 0 else -1,
                 repetition_penalty=sampling.repetition_penalty,
                 seed=sampling.seed & 0x7FFF_FFFF_FFFF_FFFF,
-                logprobs=sampling.top_logprobs,
+                # vLLM's log-probs are of the raw model output (`logprobs_mode` "raw_logprobs", its
+                # default), before temperature, top-p, top-k and penalties: what `score_top_k` records.
+                logprobs=max((k for k in (sampling.top_logprobs, sampling.score_top_k) if k is not None), default=None),
             )
             for _, sampling in batch
         ]
@@ -176,8 +190,11 @@ class VLLMEngine:
                         (token, entry[token].logprob, _ranked(entry, sampling.top_logprobs))
                         for token, entry in zip(sample.token_ids, sample.logprobs)
                     ]
+                scores = None
+                if sampling.score_top_k:
+                    scores = _token_scores(list(sample.token_ids), sample.logprobs, sampling.score_top_k)
                 finish = "stop" if sample.finish_reason == "stop" else "length"
-                completions.append(Completion(sample.text, list(sample.token_ids), finish, logprobs))
+                completions.append(Completion(sample.text, list(sample.token_ids), finish, logprobs, scores))
             results.append(completions)
         return results
 
@@ -191,19 +208,11 @@ class VLLMEngine:
         ]
         params = [SamplingParams(max_tokens=1, prompt_logprobs=top_k) for _, _, top_k in batch]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        scores = []
-        for output, (_, response, top_k) in zip(outputs, batch):
-            # One dict per prompt position: the top-k (rank 1..k) plus the actual token.
-            positions = output.prompt_logprobs[-len(response) :]
-            logprobs, top_ids, top_logprobs, tail_mass = [], [], [], []
-            for token, entry in zip(response, positions):
-                top = _ranked(entry, top_k)
-                logprobs.append(entry[token].logprob)
-                top_ids.append([t for t, _ in top])
-                top_logprobs.append([lp for _, lp in top])
-                tail_mass.append(max(0.0, 1.0 - float(torch.tensor(top_logprobs[-1], dtype=torch.float64).exp().sum())))
-            scores.append(TokenScores.from_lists(response, logprobs, top_ids, top_logprobs, tail_mass))
-        return scores
+        # One dict per prompt position: the top-k (rank 1..k) plus the actual token.
+        return [
+            _token_scores(response, output.prompt_logprobs[-len(response) :], top_k)
+            for output, (_, response, top_k) in zip(outputs, batch)
+        ]
 
     def set_mask_ratio(self, mask_ratio: float) -> float:
         if isclose_ratio(self.mask_ratio, mask_ratio):

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -326,6 +327,7 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     manifest = json.loads((result.directory / MANIFEST).read_text())
     assert manifest["counts"]["records"] == len(stage.question_indices)
     assert manifest["counts"]["responses_by_source"] == {"teacher": 2 * len(records), "student": 2 * len(records)}
+    assert manifest["counts"]["scored_after_sampling"] == 2 * len(records)  # the student's; the teacher's were recorded
     assert manifest["counts"]["dropped_groups"] == 0 and manifest["judge"]["kind"] == "rule"
     assert manifest["schema_version"] == 2 and manifest["files"]
 
@@ -353,6 +355,53 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     # Same seeds, same samples: the redone stage holds the same responses.
     by_question = lambda rs: {r.question_id: [response.token_ids for response in r.responses] for r in rs}  # noqa: E731
     assert by_question(table_to_records(read_parts(redone.directory))) == by_question(records)
+
+
+def test_teacher_scores_recorded_while_sampling_equal_generate_then_score(service, tmp_path):
+    """The teacher's top-k is recorded while it samples, and only the student's responses are scored by the
+    reward actors. The records mean what generate-then-score gave: the same teacher tokens as a plain request
+    with the same seed, and the same top-k as a separate score pass (float32 records, to 1e-5)."""
+    from cluster.responses import image_messages, request_seed
+    from serve.api import ChatCompletionRequest, ScoreRequest
+
+    config = _config(tmp_path, service["port"], service["model_dir"], generation={"teacher_logprobs_dtype": "float32"})
+    plan, questions, _ = _stage_inputs(config)
+    stage = plan[0]
+    result = run_stage(config, stage, questions, tmp_path / "pipe", ServiceAddress(), service["model_dir"])
+    records = table_to_records(read_parts(result.directory))
+    # The reward actors had the teacher score the student's responses only.
+    assert result.manifest["counts"]["scored_after_sampling"] == config.generation.group_student * len(records)
+    client, sampling = ServiceAddress().connect(config), config.generation.sampling
+    plain = client.chat_many(
+        [
+            ChatCompletionRequest(
+                model=stage.model_id,
+                messages=image_messages(record.image_png, record.question),
+                n=config.generation.group_teacher,
+                seed=request_seed(config.generation.seed, stage.model_id, record.question_id),
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
+            )
+            for record in records
+        ]
+    )  # fmt: skip
+    rescored = client.score_many(
+        [
+            ScoreRequest(
+                model=stage.model_id,
+                items=[{"messages": image_messages(record.image_png, record.question), "response_token_ids": r.token_ids} for r in record.responses],
+                top_k=config.generation.teacher_topk,
+            )
+            for record in records
+        ]
+    )  # fmt: skip
+    for record, reply, scores in zip(records, plain, rescored, strict=True):
+        teacher = [r for r in record.responses if r.source == "teacher"]
+        assert [r.token_ids for r in teacher] == [c.token_ids for c in reply.choices]
+        for response, score in zip(record.responses, scores, strict=True):
+            assert response.teacher_topk_ids == score.top_ids.tolist()
+            np.testing.assert_allclose(response.teacher_topk_logprobs, score.top_logprobs, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(response.teacher_tail_mass, score.tail_mass, atol=1e-5, rtol=0)
 
 
 def test_all_stages_in_one_pipeline(service, tmp_path):

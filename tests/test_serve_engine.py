@@ -132,6 +132,31 @@ def test_score_equals_a_direct_forward_and_is_batch_independent(engine):
     torch.testing.assert_close(torch.from_numpy(scores.tail_mass).double(), expected_tail, atol=1e-6, rtol=0)
 
 
+def test_scores_recorded_while_sampling_equal_a_separate_score_pass(engine):
+    """`score_top_k` records, per sampled token, the unprocessed distribution's top-k (not the filtered
+    one the token was drawn from): equal to scoring the finished response in one forward, at a mask level,
+    in a batch whose rows stop at different lengths."""
+    engine.set_mask_ratio(0.1)
+    try:
+        prompts = [image_prompt(engine), image_prompt(engine, "how many?", colour=(10, 200, 10))]
+        requests = [
+            (p, sampling(n=2, max_tokens=6 - 3 * i, temperature=1.3, top_k=5, score_top_k=8, seed=i)) for i, p in enumerate(prompts)
+        ]  # rows of 6 and 3 tokens: a row stops recording when it finishes
+        requests.append((prompts[0], sampling(max_tokens=3, seed=9)))  # no scores asked: none recorded
+        completions = engine.generate(requests)
+        assert completions[2][0].scores is None
+        recorded = [(prompt, c) for (prompt, _), group in zip(requests[:2], completions[:2]) for c in group]
+        assert {len(c.token_ids) for _, c in recorded} == {6, 3}
+        scored = engine.score([(prompt, c.token_ids, 8) for prompt, c in recorded])
+        for (_, completion), reference in zip(recorded, scored):
+            scores = completion.scores
+            assert scores.token_ids.tolist() == completion.token_ids and scores.top_ids.tolist() == reference.top_ids.tolist()
+            for name in ("logprobs", "top_logprobs", "tail_mass"):
+                np.testing.assert_allclose(getattr(scores, name), getattr(reference, name), atol=1e-5, rtol=0, err_msg=name)
+    finally:
+        engine.set_mask_ratio(0.0)
+
+
 def test_mask_levels_switch_in_place_and_level_zero_is_bit_exact(engine):
     dense = {name: tensor.clone() for name, tensor in engine.model.state_dict().items()}
     prompt, response = image_prompt(engine), [40, 41, 42]
