@@ -279,12 +279,14 @@ def read_stage_questions(batch: pa.Table, path: str, dataset_responses_from: str
 def sample_responses(
     batch: pa.Table, address: ServiceAddress, config: MastersConfig, n: int, source: str
 ) -> pa.Table:
-    """Ask for `n` samples per question and put them in front of the group: from the stage's teacher
-    level (`model_id`), with its top-k scores recorded while sampling, or from the initial student when
-    `source` is `student` (scored by the teacher later, in the reward actors)."""
+    """Ask for `n` samples per question and put them in front of the group: from the initial student
+    when `source` is `student`, or from the stage's teacher level (`model_id`), which in the same
+    request records the top-k on its own samples as it draws them and scores the responses already in
+    the group (the student's): one encoded prompt per question and level, no second pass."""
     rows = batch.to_pylist()
     teacher = source == "teacher"
     models = [row["model_id"] if teacher else STUDENT for row in rows]
+    unscored = [[r for r in row["responses"] if r["teacher_topk_ids"] is None] if teacher else [] for row in rows]
     requests = [
         ChatCompletionRequest(
             model=model,
@@ -292,32 +294,38 @@ def sample_responses(
             n=n,
             seed=request_seed(config.generation.seed, model, row["question_id"]),
             score_top_k=config.generation.teacher_topk if teacher else None,
+            score_token_ids=[r["token_ids"] for r in others] or None,
             **_sampling_fields(config),
         )
-        for row, model in zip(rows, models)
+        for row, model, others in zip(rows, models, unscored)
     ]
     replies = _cached_client(address, config.model_dump_json()).chat_many(requests)
-    for row, model, reply in zip(rows, models, replies, strict=True):
+    for row, model, others, reply in zip(rows, models, unscored, replies, strict=True):
         if len(reply.choices) != n:
             raise RuntimeError(f"{model} returned {len(reply.choices)} choices for n={n}")
-        sampled = [{"source": source, "text": c.message.content, "token_ids": c.token_ids, **_recorded(c)} for c in reply.choices]
+        for response, scores in zip(others, reply.scored or [], strict=True):
+            response.update(_teacher_fields(scores, response["token_ids"]))
+        sampled = [
+            {"source": source, "text": c.message.content, "token_ids": c.token_ids, **_teacher_fields(c.scores, c.token_ids)}
+            for c in reply.choices
+        ]
         row["responses"] = sampled + row["responses"]
     return pa.Table.from_pylist(rows, schema=DRAFT_SCHEMA)
 
 
-def _recorded(choice) -> dict:
-    """The teacher's scores of its own sample, recorded while sampling, as response fields (null if none)."""
-    scores = choice.scores
+def _teacher_fields(scores, token_ids: list[int]) -> dict:
+    """The teacher's scores (`ScoreData`) of a response as its record fields; null when it has none yet."""
     if scores is None:
         return {"teacher_topk_ids": None, "teacher_topk_logprobs": None, "teacher_tail_mass": None}
-    if scores.token_ids != choice.token_ids:
-        raise RuntimeError("the service recorded scores for other tokens than it sampled")
+    if scores.token_ids != list(token_ids):
+        raise RuntimeError("the teacher service returned scores for other tokens than the response's")
     return {"teacher_topk_ids": scores.top_ids, "teacher_topk_logprobs": scores.top_logprobs, "teacher_tail_mass": scores.tail_mass}
 
 
 class RewardScorer:
     """A reward actor: the teacher's top-k log-probs on every response token that has none yet (the
-    student's; the teacher's own samples were scored while sampling), and R_acc per response.
+    dataset responses of the naive and SFT baselines; generated groups were scored while the teacher
+    sampled), and R_acc per response.
 
     A judge failure marks the whole group (`judge_failure`) instead of raising, so the driver applies
     the stage's policy with the full count; no failed response is ever scored 0.

@@ -336,7 +336,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             restore(Path(directory))
             last_done = next((s for s in stages if progress["completed"] and s.stage_id == progress["completed"][-1]), None)
             if rank == 0 and progress["stage_id"] is None and last_done and StageTrainResult.read(last_done.out_dir) is None:
-                _publish_stage(Path(directory), last_done, progress["metrics"], directory)
+                _publish_stage(Path(directory), last_done, progress["metrics"], Path(checkpoint.path))
     finished = StageTrainResult.read(loop_config["finished_stage_dir"]) if loop_config["finished_stage_dir"] else None
     if finished is not None and finished.stage_id not in progress["completed"]:
         # Ray's latest checkpoint predates the stage the driver already took as finished (a kill between

@@ -104,6 +104,12 @@ class ChatCompletionRequest(_Request):
         "distribution (before temperature, top-p, top-k and repetition penalty) and the mass outside them, in "
         "each choice's `scores`, as `/v1/score` would return them; capped at the vocabulary size.",
     )
+    score_token_ids: list[list[int]] | None = Field(
+        None,
+        min_length=1,
+        description="Masters extension, with `score_top_k`: other responses to the same messages (token ids, as "
+        "generated) to score like `/v1/score` does, in the response's `scored`; the prompt is encoded once for both.",
+    )
     stream: bool = Field(False, description="Server-sent `chat.completion.chunk` events, once the completion is generated.")
     stream_options: StreamOptions | None = None
 
@@ -113,6 +119,10 @@ class ChatCompletionRequest(_Request):
             raise ValueError("stream_options: only allowed with stream=true")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
+        if self.score_token_ids is not None and self.score_top_k is None:
+            raise ValueError("score_token_ids: needs score_top_k (how many log-probs per token)")
+        if self.stream and (self.score_top_k is not None or self.score_token_ids is not None):
+            raise ValueError("score_top_k, score_token_ids: not available with stream=true")
         return self
 
     @property
@@ -174,6 +184,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    scored: list[ScoreData] | None = Field(None, description="With `score_token_ids`: their scores, in order.")
 
 
 # --------------------------------------------------------------------------- streaming

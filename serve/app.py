@@ -169,8 +169,18 @@ class ModelServer:
     async def generate(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         mask_ratio = self._resolve(request.model)
         sampling = self._sampling(request)
-        prompt = self._encode(request.messages, sampling.max_tokens, "max_tokens")
-        completions: list[Completion] = await self._generate_batch((mask_ratio, prompt, sampling))
+        to_score = [self._checked_ids(ids, "score_token_ids") for ids in request.score_token_ids or []]
+        if len(to_score) > self.config.serve.max_n:
+            raise ServeError(
+                400, f"{len(to_score)} score_token_ids; at most serve.max_n={self.config.serve.max_n}", "score_token_ids"
+            )
+        longest = max([sampling.max_tokens] + [len(ids) for ids in to_score])
+        prompt = self._encode(request.messages, longest, "max_tokens" if longest == sampling.max_tokens else "score_token_ids")
+        # One encoded prompt (image decoded, processor run once) for the samples and the scored responses.
+        completions, scored = await asyncio.gather(
+            self._generate_batch((mask_ratio, prompt, sampling)),
+            asyncio.gather(*(self._score_batch((mask_ratio, prompt, ids, sampling.score_top_k)) for ids in to_score)),
+        )
         choices = [
             Choice(
                 index=index,
@@ -188,7 +198,12 @@ class ModelServer:
             completion_tokens=completion_tokens,
             total_tokens=len(prompt.token_ids) + completion_tokens,
         )
-        return ChatCompletionResponse(model=request.model, choices=choices, usage=usage)
+        return ChatCompletionResponse(
+            model=request.model,
+            choices=choices,
+            usage=usage,
+            scored=[score.to_data(index) for index, score in enumerate(scored)] if to_score else None,
+        )
 
     async def generate_stream(self, request: ChatCompletionRequest) -> tuple[ChatCompletionResponse, list[list[int]]]:
         """`generate`, and per choice where each token's text ends in it (`text_offsets`), for `stream: true`.
@@ -233,13 +248,14 @@ class ModelServer:
             token_ids = self.engine.encode_text(item.response)
         if not token_ids:
             raise ServeError(400, "response encodes to no tokens; send a non-empty response", "items.response")
+        return self._checked_ids(token_ids, "items.response_token_ids")
+
+    def _checked_ids(self, token_ids: list[int], param: str) -> list[int]:
+        if not token_ids:
+            raise ServeError(400, f"{param}: a response needs at least one token", param)
         bad = [t for t in token_ids if not 0 <= t < self.engine.vocab_size]
         if bad:
-            raise ServeError(
-                400,
-                f"response_token_ids {bad[:5]} are outside the vocabulary [0, {self.engine.vocab_size})",
-                "items.response_token_ids",
-            )
+            raise ServeError(400, f"{param} {bad[:5]} are outside the vocabulary [0, {self.engine.vocab_size})", param)
         return token_ids
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:

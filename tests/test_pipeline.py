@@ -327,7 +327,7 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     manifest = json.loads((result.directory / MANIFEST).read_text())
     assert manifest["counts"]["records"] == len(stage.question_indices)
     assert manifest["counts"]["responses_by_source"] == {"teacher": 2 * len(records), "student": 2 * len(records)}
-    assert manifest["counts"]["scored_after_sampling"] == 2 * len(records)  # the student's; the teacher's were recorded
+    assert manifest["counts"]["scored_after_sampling"] == 0  # the teacher scored the group as it sampled
     assert manifest["counts"]["dropped_groups"] == 0 and manifest["judge"]["kind"] == "rule"
     assert manifest["schema_version"] == 2 and manifest["files"]
 
@@ -358,9 +358,9 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
 
 
 def test_teacher_scores_recorded_while_sampling_equal_generate_then_score(service, tmp_path):
-    """The teacher's top-k is recorded while it samples, and only the student's responses are scored by the
-    reward actors. The records mean what generate-then-score gave: the same teacher tokens as a plain request
-    with the same seed, and the same top-k as a separate score pass (float32 records, to 1e-5)."""
+    """The teacher's top-k is recorded while it samples, and the student's responses are scored in the same
+    request (one encoded prompt). The records mean what generate-then-score gave: the same teacher tokens as
+    a plain request with the same seed, and the same top-k as a separate score pass (float32 records, to 1e-5)."""
     from cluster.responses import image_messages, request_seed
     from serve.api import ChatCompletionRequest, ScoreRequest
 
@@ -369,8 +369,8 @@ def test_teacher_scores_recorded_while_sampling_equal_generate_then_score(servic
     stage = plan[0]
     result = run_stage(config, stage, questions, tmp_path / "pipe", ServiceAddress(), service["model_dir"])
     records = table_to_records(read_parts(result.directory))
-    # The reward actors had the teacher score the student's responses only.
-    assert result.manifest["counts"]["scored_after_sampling"] == config.generation.group_student * len(records)
+    # The reward actors had nothing left to score: the teacher's request scored the student's responses too.
+    assert result.manifest["counts"]["scored_after_sampling"] == 0
     client, sampling = ServiceAddress().connect(config), config.generation.sampling
     plain = client.chat_many(
         [

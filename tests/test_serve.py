@@ -396,6 +396,12 @@ BAD_REQUESTS = {
     "streamed prompt beyond context": (
         "/chat/completions", chat(messages=image_messages("red " * 600), stream=True), 400, "context"
     ),
+    "score_token_ids without score_top_k": ("/chat/completions", chat(score_token_ids=[[5, 6]]), 400, "needs score_top_k"),
+    "score_top_k with stream": ("/chat/completions", chat(score_top_k=4, stream=True), 400, "stream=true"),
+    "score_token_ids outside vocab": (
+        "/chat/completions", chat(score_top_k=4, score_token_ids=[[10**6]]), 400, "outside the vocabulary"
+    ),
+    "score_token_ids empty response": ("/chat/completions", chat(score_top_k=4, score_token_ids=[[]]), 400, "at least one token"),
     "score both responses": (
         "/score",
         {"model": "teacher@0", "items": [{"messages": image_messages(), "response": "a", "response_token_ids": [1]}]},
