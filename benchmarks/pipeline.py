@@ -218,8 +218,9 @@ def engines(config, model_dir: Path):
     return teacher, TransformersEngine(model_dir, [0.0], config.mask.scope)
 
 
-def single_process_stage(config, model_dir: Path, samples, out: Path, threads: int) -> dict[str, float]:
-    """The same stage as one loop in this process with `threads` torch threads; returns seconds per step."""
+def single_process_stage(config, model_dir: Path, samples, out: Path, threads: int, positions: dict) -> dict[str, float]:
+    """The same stage as one loop in this process with `threads` torch threads; returns seconds per step
+    and puts the token positions each engine computed into `positions` (by model)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -235,7 +236,27 @@ def single_process_stage(config, model_dir: Path, samples, out: Path, threads: i
     clock = time.perf_counter()
     pq.write_table(records, out)
     times["write"] = time.perf_counter() - clock
+    positions.update({TEACHER: dict(engine.positions), "student": dict(student_engine.positions)})
     return times
+
+
+POSITION_KINDS = ("prefill", "decode", "score")
+
+
+def replica_positions(model: str, replicas: int) -> dict[str, int]:
+    """Token positions computed so far by all `replicas` of `model`, from each replica's health report."""
+    from ray import serve
+
+    from serve.levels import APP_NAME
+
+    handle = serve.get_deployment_handle(model, app_name=APP_NAME)
+    seen: dict[str, dict] = {}
+    for _ in range(100):  # each call reaches one replica
+        state = handle.health.remote().result()
+        seen[state["replica"]] = state
+        if len(seen) == replicas:
+            break
+    return {kind: sum(state[f"{kind}_positions"] for state in seen.values()) for kind in POSITION_KINDS}
 
 
 class EngineWorker:
@@ -394,10 +415,14 @@ def main() -> None:
         clock = time.perf_counter()
         start(config, {TEACHER: model_dir, "student": model_dir})
         deploy_s = time.perf_counter() - clock
+        models = (TEACHER, "student")
+        before = {model: replica_positions(model, config.serve.replicas) for model in models}
         with CpuByRole() as cpu:
             clock = time.perf_counter()
             result = run_stage(config, stage_of(config, args.questions), questions, run_dir, ServiceAddress(), model_dir)
             pipeline_s = time.perf_counter() - clock
+        after = {model: replica_positions(model, config.serve.replicas) for model in models}
+        pipeline_positions = {model: {k: after[model][k] - before[model][k] for k in POSITION_KINDS} for model in models}
         assert not result.skipped and result.manifest["counts"]["records"] == args.questions
         serve.shutdown()  # the design probe below needs no service, and idle replicas still poll
         with CpuByRole() as probe_cpu:
@@ -409,8 +434,9 @@ def main() -> None:
     # The baselines run after Ray is gone, so they have both cores to themselves. Torch's intra-op
     # threads help little with a model this small and hurt when other processes share the cores, so
     # the loop is timed with 1 and with 2 threads and the faster one is the baseline.
+    loop_positions: dict = {}
     loops = {
-        threads: single_process_stage(config, model_dir, samples, work / "baseline.parquet", threads)
+        threads: single_process_stage(config, model_dir, samples, work / "baseline.parquet", threads, loop_positions)
         for threads in (1, 2)
     }
     best = min(loops, key=lambda threads: sum(loops[threads].values()))
@@ -439,6 +465,15 @@ def main() -> None:
           f"first groups after {first_s:.1f}s):")
     for role, seconds in probe_cpu.seconds().items():
         print(f"  {role:32s} {seconds:6.1f}")
+    engines_cpu = sum(seconds for role, seconds in cpu.seconds().items() if "replicas" in role)
+    outside_ms = 1000 * (sum(cpu.seconds().values()) - engines_cpu) / groups
+    print(f"  CPU outside the model replicas: {outside_ms:.1f} ms per group")
+    print("\nmodel token positions computed per group (counted by the engines; padding excluded):")
+    print(f"  {'path':10s} {'model':14s} " + " ".join(f"{kind:>8s}" for kind in POSITION_KINDS) + f" {'total':>8s}")
+    for path, positions in (("loop", loop_positions), ("pipeline", pipeline_positions)):
+        for model in (TEACHER, "student"):
+            counts = [positions[model][kind] / groups for kind in POSITION_KINDS]
+            print(f"  {path:10s} {model:14s} " + " ".join(f"{c:8.1f}" for c in counts) + f" {sum(counts):8.1f}")
     print("\npipeline, Ray Data operators (remote wall time summed over tasks, overlapping):")
     for line in operator_times(result.execution_stats):
         print(f"  {line}")

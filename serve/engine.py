@@ -217,6 +217,9 @@ class TransformersEngine:
         self.switch_times_s: list[float] = []
         self.batches = 0
         self.batched_items = 0
+        # Token positions the model computed (padding excluded): prompts prefilled for sampling, decode
+        # steps (finished rows of a batch included: they are computed too), and prompt + response scored.
+        self.positions = {"prefill": 0, "decode": 0, "score": 0}
 
     # ----------------------------------------------------------------------- prompts
 
@@ -263,6 +266,7 @@ class TransformersEngine:
         steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step, with score_k
 
         inputs = self._forward_inputs(prompts)
+        self.positions["prefill"] += int(inputs["attention_mask"].sum())
         seen = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool, device=device)
         seen.scatter_(1, inputs["input_ids"], inputs["attention_mask"].bool())
         attention_mask, position_ids = inputs["attention_mask"], inputs["position_ids"]
@@ -304,6 +308,7 @@ class TransformersEngine:
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             # Every position axis (one, or mrope's three) advances by one per generated text token.
             position_ids = position_ids[..., -1:] + 1
+            self.positions["decode"] += len(rows)
             output = self.model(
                 input_ids=next_tokens[:, None],
                 attention_mask=attention_mask,
@@ -347,6 +352,7 @@ class TransformersEngine:
         responses = [response for _, response, _ in batch]
         longest = max(len(response) for response in responses)
         inputs = self._forward_inputs(prompts, responses)
+        self.positions["score"] += int(inputs["attention_mask"].sum())
         # Responses start at one column P in every row: the last T + 1 logits hold every prediction.
         logits = self.model(**inputs, logits_to_keep=longest + 1).logits[:, :-1]
         logprobs = logits.float().log_softmax(-1)
@@ -381,5 +387,6 @@ class TransformersEngine:
             "load_s": round(self.load_s, 3),
             "batches": self.batches,
             "mean_batch_size": round(self.batched_items / max(self.batches, 1), 2),
+            **{f"{kind}_positions": count for kind, count in self.positions.items()},
             **switch_stats(self.switch_times_s),
         }

@@ -157,6 +157,19 @@ def test_scores_recorded_while_sampling_equal_a_separate_score_pass(engine):
         engine.set_mask_ratio(0.0)
 
 
+def test_the_engine_counts_the_token_positions_it_computes(engine):
+    before = dict(engine.positions)
+    prompt = image_prompt(engine)
+    completions = engine.generate([(prompt, sampling(n=2, max_tokens=4, seed=3))])[0]
+    generated = dict(engine.positions)
+    assert generated["prefill"] - before["prefill"] == 2 * len(prompt.token_ids)  # each sample's row prefills
+    # The first token comes from the prefill; every later one costs each row of the batch one position.
+    assert generated["decode"] - before["decode"] == 2 * (max(len(c.token_ids) for c in completions) - 1)
+    engine.score([(prompt, [40, 41, 42], 4)])
+    assert engine.positions["score"] - generated["score"] == len(prompt.token_ids) + 3
+    assert engine.health()["score_positions"] == engine.positions["score"]
+
+
 def test_mask_levels_switch_in_place_and_level_zero_is_bit_exact(engine):
     dense = {name: tensor.clone() for name, tensor in engine.model.state_dict().items()}
     prompt, response = image_prompt(engine), [40, 41, 42]
