@@ -62,6 +62,9 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt("SIGTERM")
 
     signal.signal(signal.SIGTERM, interrupt)
+    # Python leaves SIGINT ignored when it starts ignored, as for a job started in the background
+    # (`cmd &` in a script): `kill -INT` must still stop the service cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:
