@@ -10,8 +10,10 @@ The generated suite takes the same path: its split is written to Parquet once, s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,10 +153,17 @@ class QuestionIndex:
         ]
 
 
+@functools.lru_cache(maxsize=2)
+def _opened(path: str, modified_ns: int) -> pq.ParquetFile:
+    # Kept open between reads: a 1.5M-question file's footer (its row groups' metadata) is megabytes to
+    # parse, once per worker rather than once per row group read. A replaced file is opened anew.
+    return pq.ParquetFile(path)
+
+
 def read_questions(path: str, row_group: int, rows: Sequence[int], question_ids: Sequence[str]) -> pa.Table:
     """`rows` of one row group: the question columns plus `response` (the answer where the file has none).
     Raises if the ids are not the indexed ones (the file changed under the run)."""
-    parquet = pq.ParquetFile(path)
+    parquet = _opened(path, os.stat(path).st_mtime_ns)
     columns = list(QUESTION_COLUMNS) + (["response"] if "response" in parquet.schema_arrow.names else [])
     table = parquet.read_row_group(row_group, columns=columns).take(pa.array(rows, pa.int32()))
     if table.column("id").to_pylist() != list(question_ids):
