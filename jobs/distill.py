@@ -134,8 +134,6 @@ def distill(
     from serve.levels import STUDENT, Catalog
 
     metrics = MetricsLogger(run_dir, config.name, config.logging, config.model_dump(mode="json"))
-    # The train split's ids and where each lives; Ray Data tasks read the questions themselves.
-    questions = QuestionIndex.open(config.data, "train", config.data.train_size, config.storage_path)
 
     # Where the run is: a rerun of a finished run needs no teacher service and no generation.
     state_path = run_dir / "state.json"
@@ -163,11 +161,15 @@ def distill(
         reference = {name: as_row(report) for name, report in baseline.items()}
 
     # 4. The curriculum. Records never depend on the student being trained (its own responses come
-    # from its initial weights), so the driver generates stage after stage ahead of the trainer, and one Ray Train run goes
-    # through all stages, publishing each stage's student as it finishes; the driver evaluates it
-    # and records the curriculum position.
-    student_dir = current_student(run_dir, state, model_paths[STUDENT])
+    # from its initial weights), so the driver generates stage after stage ahead of the trainer, and
+    # one Ray Train run goes through all stages, publishing each stage's student as it finishes; the
+    # driver evaluates it and records the curriculum position. Training continues from the last
+    # finished stage's output, or from the initial student.
+    finished_dir = stage_output(run_dir, state.completed[-1]) if state.completed else None
+    student_dir = finished_dir / "student" if finished_dir else model_paths[STUDENT]
     if pending:
+        # The train split's ids and where each lives; Ray Data tasks read the questions themselves.
+        questions = QuestionIndex.open(config.data, "train", config.data.train_size, config.storage_path)
         records_gate = RecordsGate.remote()
         records_dirs: dict[str, Path] = {}  # stage id -> its records, filled as the generation thread hands them over
         generation = start_thread(
@@ -183,7 +185,7 @@ def distill(
             reference=model_paths[STUDENT],
             run_name=f"{config.name}-student",
             storage_path=str(run_dir / "ray_train"),
-            finished_stage_dir=stage_output(run_dir, state.completed[-1]) if state.completed else None,
+            finished_stage_dir=finished_dir,
         )
         for stage in pending:
             trained = wait_for_stage(stage, run_dir, generation, training)
@@ -323,13 +325,6 @@ def save_json(path: Path, payload) -> None:
 def stage_output(run_dir: Path, stage_id: str) -> Path:
     """Where the trainer publishes a stage's student (`student/`) and step metrics."""
     return run_dir / "checkpoints" / stage_id.replace("/", "-")
-
-
-def current_student(run_dir: Path, state: CurriculumState, initial: Path) -> Path:
-    """The student the next stage starts from: the last finished stage's output, or the initial student."""
-    if not state.completed:
-        return initial
-    return stage_output(run_dir, state.completed[-1]) / "student"
 
 
 def start_thread(name: str, function, *args, **kwargs) -> Future:
