@@ -506,3 +506,13 @@ def test_a_dataset_file_is_indexed_by_split_and_family_and_guarded_against_chang
     pq.write_table(table.drop_columns(["question"]), tmp_path / "no_question.parquet")
     with pytest.raises(ValueError, match=r"lacks the columns \['question'\]"):
         QuestionIndex.open(DataConfig(dataset=str(tmp_path / "no_question.parquet")), "train", 1, tmp_path)
+
+
+def test_a_split_with_repeated_ids_is_refused_before_anything_reads_it(tmp_path):
+    from masters.config import DataConfig
+    from masters.data.source import QuestionIndex
+
+    train = make_split("train", 5, seed=1)
+    write_parquet(train + train[:1], tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match="question ids repeat in 'train'"):
+        QuestionIndex.open(DataConfig(dataset=str(tmp_path)), "train", 6, tmp_path)

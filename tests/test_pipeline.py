@@ -568,6 +568,16 @@ def test_a_killed_reward_actor_loses_and_doubles_no_question(service, tmp_path):
     assert result.manifest["judge"]["calls"] == 2 * len(ids)
 
 
+def test_a_plan_for_a_larger_split_fails_before_anything_is_read(tmp_path):
+    """Stage indices beyond the indexed split (a plan made for another data.train_size) fail with the fix named."""
+    config = validate_config({"storage_path": str(tmp_path), "data": {"train_size": 40}})
+    stage = plan_curriculum(config, 40)[0]
+    questions = QuestionIndex.open(config.data, "train", 20, config.storage_path)
+    with pytest.raises(ValueError, match="plan the curriculum with the same data.train_size"):
+        run_stages(config, [stage], questions, tmp_path / "run", ServiceAddress(), tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_stage_is_identified_by_what_produced_it_not_by_the_loss_that_consumes_it():
     """mask_progressive and full train on the same records (an ablation ladder generates them once);
     dataset answers (naive, sft), another teacher level or other sampling are other records."""
