@@ -318,6 +318,8 @@ class CpuByRole:
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.roles: dict[int, str] = {}
+        self.names: dict[int, str] = {}  # what each process is, for the system processes' breakdown
+        self.marked: dict[int, float] = {}  # CPU seconds at `mark()`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll_until_stopped, daemon=True)
 
@@ -336,6 +338,17 @@ class CpuByRole:
                 return role
         return None if "IDLE" in title else CpuByRole.SYSTEM
 
+    @staticmethod
+    def short_name(title: str) -> str:
+        words = title.split()
+        if not words:
+            return "?"
+        if words[0].startswith("ray::"):
+            return words[0].split(".")[0]
+        if "-m" in words[:-1]:
+            return words[words.index("-m") + 1]
+        return Path(words[1] if Path(words[0]).name.startswith("python") and len(words) > 1 else words[0]).name
+
     def _poll(self) -> None:
         import psutil
 
@@ -348,6 +361,7 @@ class CpuByRole:
             pid, seconds = process.info["pid"], times.user + times.system
             self.first.setdefault(pid, seconds)
             self.last[pid] = seconds
+            self.names.setdefault(pid, self.short_name(title))
             role = self.role(pid, title)
             if role is not None and self.roles.get(pid, self.SYSTEM) == self.SYSTEM:
                 self.roles[pid] = role
@@ -366,11 +380,33 @@ class CpuByRole:
         self._thread.join()
         self._poll()
 
-    def seconds(self) -> dict[str, float]:
+    def mark(self) -> None:
+        """Remember every process's CPU seconds now: `seconds(since_mark=True)` counts from here."""
+        self._poll()
+        self.marked = dict(self.last)
+
+    def seconds(self, since_mark: bool = False) -> dict[str, float]:
         by_role: dict[str, float] = defaultdict(float)
         for pid, seconds in self.last.items():
-            by_role[self.roles.get(pid, self.SYSTEM)] += seconds - self.first[pid]
+            start = self.marked.get(pid, self.first[pid]) if since_mark else self.first[pid]
+            by_role[self.roles.get(pid, self.SYSTEM)] += seconds - start
         return dict(sorted(by_role.items(), key=lambda item: -item[1]))
+
+    def processes(self) -> dict[str, int]:
+        """How many processes used CPU in each role."""
+        counts: dict[str, int] = defaultdict(int)
+        for pid, seconds in self.last.items():
+            if seconds > self.first[pid]:
+                counts[self.roles.get(pid, self.SYSTEM)] += 1
+        return counts
+
+    def system_seconds(self, at_least: float = 0.1) -> dict[str, float]:
+        """The system processes' CPU seconds by what they are, the ones above `at_least`."""
+        by_name: dict[str, float] = defaultdict(float)
+        for pid, seconds in self.last.items():
+            if self.roles.get(pid, self.SYSTEM) == self.SYSTEM:
+                by_name[self.names[pid]] += seconds - self.first[pid]
+        return {name: s for name, s in sorted(by_name.items(), key=lambda item: -item[1]) if s >= at_least}
 
 
 def operator_times(stats: str) -> list[str]:
@@ -394,7 +430,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.pipeline import run_stage
+    from cluster.pipeline import run_stages
     from cluster.responses import ServiceAddress
     from masters.data import make_split
     from masters.data.source import QuestionIndex
@@ -417,9 +453,21 @@ def main() -> None:
         deploy_s = time.perf_counter() - clock
         models = (TEACHER, "student")
         before = {model: replica_positions(model, config.serve.replicas) for model in models}
+        arrived = {"groups": 0}
+
+        def on_groups(stage, count: int) -> None:
+            # Steady state starts when the first groups arrive: the workers and actors are up.
+            if not arrived["groups"]:
+                arrived["first_s"] = time.perf_counter() - clock
+                arrived["first_groups"] = count
+                cpu.mark()
+            arrived["groups"] += count
+
         with CpuByRole() as cpu:
             clock = time.perf_counter()
-            result = run_stage(config, stage_of(config, args.questions), questions, run_dir, ServiceAddress(), model_dir)
+            (result,) = run_stages(
+                config, [stage_of(config, args.questions)], questions, run_dir, ServiceAddress(), model_dir, on_groups=on_groups
+            )
             pipeline_s = time.perf_counter() - clock
         after = {model: replica_positions(model, config.serve.replicas) for model in models}
         pipeline_positions = {model: {k: after[model][k] - before[model][k] for k in POSITION_KINDS} for model in models}
@@ -452,22 +500,32 @@ def main() -> None:
         seconds = sum(steps.values())
         name = f"single-process loop, {threads} thread{'s' if threads > 1 else ''}"
         print(f"{name:34s} {seconds:9.1f} {groups / seconds:9.2f} {baseline_s / seconds:7.2f}")
-    print(f"{'Ray Data pipeline (run_stage)':34s} {pipeline_s:9.1f} {groups / pipeline_s:9.2f} {baseline_s / pipeline_s:7.2f}")
+    print(f"{'Ray Data pipeline (run_stages)':34s} {pipeline_s:9.1f} {groups / pipeline_s:9.2f} {baseline_s / pipeline_s:7.2f}")
+    steady_s, steady_groups = pipeline_s - arrived["first_s"], groups - arrived["first_groups"]
+    steady_rate = steady_groups / steady_s
+    print(f"{'  after its first groups':34s} {steady_s:9.1f} {steady_rate:9.2f} {steady_rate * baseline_s / groups:7.2f}"
+          f"  ({steady_groups} groups; the first {arrived['first_groups']} after {arrived['first_s']:.1f}s)")
     print(f"{'probe: engine in 2 Ray Data actors':34s} {actors_s:9.1f} {groups / actors_s:9.2f} {baseline_s / actors_s:7.2f}")
     print(f"\nsingle-process loop ({best} thread(s)), seconds per step:")
     for name, seconds in loops[best].items():
         print(f"  {name:10s} {seconds:8.1f}  ({100 * seconds / baseline_s:4.1f}%)")
     print(f"\npipeline, CPU seconds by process while it ran ({os.cpu_count()} cores x {pipeline_s:.1f}s "
           f"= {os.cpu_count() * pipeline_s:.1f} CPU-s available):")
+    processes = cpu.processes()
     for role, seconds in cpu.seconds().items():
-        print(f"  {role:32s} {seconds:6.1f}")
+        print(f"  {role:32s} {seconds:6.1f}  ({processes[role]} processes)")
+    for name, seconds in cpu.system_seconds().items():
+        print(f"    {name:30s} {seconds:6.1f}")
     print(f"\nprobe, CPU seconds by process ({os.cpu_count() * actors_s:.1f} CPU-s available; "
           f"first groups after {first_s:.1f}s):")
     for role, seconds in probe_cpu.seconds().items():
         print(f"  {role:32s} {seconds:6.1f}")
-    engines_cpu = sum(seconds for role, seconds in cpu.seconds().items() if "replicas" in role)
-    outside_ms = 1000 * (sum(cpu.seconds().values()) - engines_cpu) / groups
-    print(f"  CPU outside the model replicas: {outside_ms:.1f} ms per group")
+    print("\npipeline, CPU outside the model replicas per group:")
+    for label, by_role, count in (("whole stage", cpu.seconds(), groups),
+                                  ("after its first groups", cpu.seconds(since_mark=True), steady_groups)):
+        outside = {role: seconds for role, seconds in by_role.items() if "replicas" not in role}
+        parts = ", ".join(f"{role} {1000 * seconds / count:.1f}" for role, seconds in outside.items())
+        print(f"  {label:24s} {1000 * sum(outside.values()) / count:5.1f} ms  ({parts})")
     print("\nmodel token positions computed per group (counted by the engines; padding excluded):")
     print(f"  {'path':10s} {'model':14s} " + " ".join(f"{kind:>8s}" for kind in POSITION_KINDS) + f" {'total':>8s}")
     for path, positions in (("loop", loop_positions), ("pipeline", pipeline_positions)):

@@ -20,31 +20,30 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 import numpy as np
 import pyarrow as pa
-from ray.serve.handle import DeploymentHandle
-
+import pyarrow.compute as pc
 from cluster.judge import JudgeClient, JudgeError
 from masters.config import MastersConfig
 from masters.data.source import read_questions
-from masters.records import RESPONSE_TYPE, STAGE_SCHEMA, responses_array
+from masters.records import RESPONSE_TYPE, STAGE_SCHEMA, TEACHER_FIELDS, responses_array, teacher_columns
 from masters.rewards import rule_accuracy
-from serve.api import ChatCompletionRequest, ChatCompletionResponse, ScoreRequest, ScoreResponse, TokenScores
+from serve.api import ChatCompletionRequest, ChatCompletionResponse, Samples, ScoreRequest, ScoreResponse, TokenScores
 from serve.levels import STUDENT, model_handle
 
-# A generated response before rewards. The teacher's own samples carry its scores, recorded while
-# sampling; the others get them from the reward actors (null until then).
-DRAFT_RESPONSE_TYPE = pa.struct(
-    [RESPONSE_TYPE.field(name) for name in ("source", "text", "token_ids", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")]
-)
-# Rows between the steps: the stage record's question fields, the model to ask, the draft group.
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+# Rows between the steps: the stage record's question fields, the model to ask, and the group so far.
+# A response's R_acc is null until the reward actors add it, and so are the teacher's scores of one it
+# has not scored yet (its own samples carry theirs, recorded while sampling).
 DRAFT_SCHEMA = pa.schema(
     [*(STAGE_SCHEMA.field(name) for name in STAGE_SCHEMA.names if name != "responses"),
      ("model_id", pa.string()),
-     ("responses", pa.list_(DRAFT_RESPONSE_TYPE))]
+     STAGE_SCHEMA.field("responses")]
 )
 # What the reward actors emit: stage records plus bookkeeping the driver strips before writing.
 SCORED_SCHEMA = pa.schema(
@@ -88,9 +87,9 @@ class ServiceAddress:
 
 class ModelClient(Protocol):
     """Chat completions and scores from the teacher service, all requests of a call in flight at once.
-    Scores come back per request as arrays, one `TokenScores` per item in item order."""
+    Scores come back as arrays: `Samples` per chat request, one `TokenScores` per score item in order."""
 
-    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]: ...
+    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[Samples]: ...
 
     def score_many(self, requests: list[ScoreRequest]) -> list[list[TokenScores]]: ...
 
@@ -107,7 +106,7 @@ class ServeModelClient:
             self._handles[requested] = model_handle(self.config, requested)
         return self._handles[requested]
 
-    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]:
+    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[Samples]:
         return self._call_per_model("generate_many", requests)
 
     def score_many(self, requests: list[ScoreRequest]) -> list[list[TokenScores]]:
@@ -175,10 +174,10 @@ class HttpModelClient:
             return reply.json()
         raise RuntimeError(f"POST {url} failed {SERVICE_RETRIES + 1} times; last error: {problem}")
 
-    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]:
+    def chat_many(self, requests: list[ChatCompletionRequest]) -> list[Samples]:
         payloads = [request.model_dump(exclude_none=True) for request in requests]
         replies = self._pool.map(lambda payload: self._post("/chat/completions", payload), payloads)
-        return [ChatCompletionResponse.model_validate(reply) for reply in replies]
+        return [Samples.from_response(ChatCompletionResponse.model_validate(reply)) for reply in replies]
 
     def score_many(self, requests: list[ScoreRequest]) -> list[list[TokenScores]]:
         payloads = [request.model_dump(exclude_none=True) for request in requests]
@@ -268,7 +267,7 @@ def read_stage_questions(batch: pa.Table, path: str, dataset_responses_from: str
                     "mask_ratio": pa.array([read["mask_ratio"]] * count, pa.float32()),
                     "stage_index": pa.array([read["stage_index"]] * count, pa.int32()),
                     "model_id": pa.array([read["model_id"]] * count, pa.string()),
-                    "responses": pa.array(responses, DRAFT_SCHEMA.field("responses").type),
+                    "responses": responses_array(responses),
                 },
                 schema=DRAFT_SCHEMA,
             )
@@ -283,10 +282,11 @@ def sample_responses(
     when `source` is `student`, or from the stage's teacher level (`model_id`), which in the same
     request records the top-k on its own samples as it draws them and scores the responses already in
     the group (the student's): one encoded prompt per question and level, no second pass."""
-    rows = batch.to_pylist()
+    rows = batch.select(["question_id", "image_png", "question", "model_id"]).to_pylist()
+    groups = batch.column("responses").to_pylist()  # what earlier steps sampled: not scored yet, small
     teacher = source == "teacher"
     models = [row["model_id"] if teacher else STUDENT for row in rows]
-    unscored = [[r for r in row["responses"] if r["teacher_topk_ids"] is None] if teacher else [] for row in rows]
+    unscored = [[r for r in group if r["teacher_topk_ids"] is None] if teacher else [] for group in groups]
     requests = [
         ChatCompletionRequest(
             model=model,
@@ -300,35 +300,37 @@ def sample_responses(
         for row, model, others in zip(rows, models, unscored)
     ]
     replies = _cached_client(address, config.model_dump_json()).chat_many(requests)
-    for row, model, others, reply in zip(rows, models, unscored, replies, strict=True):
-        if len(reply.choices) != n:
-            raise RuntimeError(f"{model} returned {len(reply.choices)} choices for n={n}")
-        for response, scores in zip(others, reply.scored or [], strict=True):
+    for group, model, others, reply in zip(groups, models, unscored, replies, strict=True):
+        if len(reply.texts) != n:
+            raise RuntimeError(f"{model} returned {len(reply.texts)} choices for n={n}")
+        for response, scores in zip(others, reply.scored, strict=True):
             response.update(_teacher_fields(scores, response["token_ids"]))
         sampled = [
-            {"source": source, "text": c.message.content, "token_ids": c.token_ids, **_teacher_fields(c.scores, c.token_ids)}
-            for c in reply.choices
+            {"source": source, "text": text, "token_ids": token_ids, **_teacher_fields(scores, token_ids)}
+            for text, token_ids, scores in zip(reply.texts, reply.token_ids, reply.scores, strict=True)
         ]
-        row["responses"] = sampled + row["responses"]
-    return pa.Table.from_pylist(rows, schema=DRAFT_SCHEMA)
+        group[:0] = sampled
+    return batch.drop_columns(["responses"]).append_column(DRAFT_SCHEMA.field("responses"), responses_array(groups))
 
 
-def _teacher_fields(scores, token_ids: list[int]) -> dict:
-    """The teacher's scores (`ScoreData`) of a response as its record fields; null when it has none yet."""
+def _teacher_fields(scores: TokenScores | None, token_ids: list[int]) -> dict:
+    """The teacher's scores of a response as its record fields; null when it has none yet."""
     if scores is None:
-        return {"teacher_topk_ids": None, "teacher_topk_logprobs": None, "teacher_tail_mass": None}
-    if scores.token_ids != list(token_ids):
+        return dict.fromkeys(TEACHER_FIELDS)
+    if not np.array_equal(scores.token_ids, token_ids):
         raise RuntimeError("the teacher service returned scores for other tokens than the response's")
     return {"teacher_topk_ids": scores.top_ids, "teacher_topk_logprobs": scores.top_logprobs, "teacher_tail_mass": scores.tail_mass}
 
 
 class RewardScorer:
-    """A reward actor: the teacher's top-k log-probs on every response token that has none yet (the
-    dataset responses of the naive and SFT baselines; generated groups were scored while the teacher
-    sampled), and R_acc per response.
+    """A reward actor: R_acc per response, and the teacher's top-k log-probs on every response token that
+    has none yet (the dataset responses of the naive and SFT baselines, and the student's when no teacher
+    samples; generated groups were scored while the teacher sampled).
 
-    A judge failure marks the whole group (`judge_failure`) instead of raising, so the driver applies
-    the stage's policy with the full count; no failed response is ever scored 0.
+    The responses stay Arrow columns: only their texts (and the unscored ones' tokens) become Python
+    objects, and R_acc and any new scores go back in as columns. A judge failure marks the whole group
+    (`judge_failure`) instead of raising, so the driver applies the stage's policy with the full count;
+    no failed response is ever scored 0.
     """
 
     def __init__(self, address: ServiceAddress, config: MastersConfig, judge_endpoint: str | None, judge_model: str | None):
@@ -344,71 +346,69 @@ class RewardScorer:
             self._background = ThreadPoolExecutor(1)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select(["question_id", "image_png", "question", "answer", "model_id", "responses"]).to_pylist()
+        groups = batch.column("responses").combine_chunks()
+        responses = pc.list_flatten(groups)
+        lengths = pc.list_value_length(groups).to_numpy(zero_copy_only=False)
+        ends = np.cumsum(lengths)
+        texts = pc.struct_field(responses, "text").to_pylist()
+        texts_by_group = [texts[end - length : end] for end, length in zip(ends, lengths)]
+        rows = batch.select(["question_id", "image_png", "question", "answer", "model_id"]).to_pylist()
         # The LLM judge works in the background while the teacher scores the same responses.
-        accuracy = self._background.submit(self._accuracy, rows) if self.judge else None
-        teacher_scores = self._teacher_scores(rows)
-        accuracy = accuracy.result() if accuracy else self._accuracy(rows)
-        groups = []
-        for row, scores, (rewards, _, _, _) in zip(rows, teacher_scores, accuracy, strict=True):
-            group = []
-            for response, score, reward in zip(row["responses"], scores, rewards, strict=True):
-                if score is None:  # recorded while sampling
-                    group.append({**response, "accuracy_reward": reward})
-                    continue
-                if not np.array_equal(score.token_ids, response["token_ids"]):
-                    raise RuntimeError(f"{row['model_id']} scored other tokens than sent for question {row['question_id']}")
-                group.append(
-                    {
-                        **response,
-                        "token_ids": score.token_ids,  # equal to the sent ones, and already an array
-                        "accuracy_reward": reward,
-                        "teacher_topk_ids": score.top_ids,
-                        "teacher_topk_logprobs": score.top_logprobs,
-                        "teacher_tail_mass": score.tail_mass,
-                    }
-                )
-            groups.append(group)
-        # The question fields pass through as Arrow columns; only the responses are built here.
+        accuracy = self._background.submit(self._accuracy, rows, texts_by_group) if self.judge else None
+        unscored = np.flatnonzero(pc.is_null(pc.struct_field(responses, "teacher_topk_ids")).to_numpy(zero_copy_only=False))
+        unscored_tokens = pc.struct_field(responses, "token_ids").take(unscored).to_pylist()
+        scores = self._teacher_scores(rows, np.searchsorted(ends, unscored, side="right"), unscored_tokens)
+        accuracy = accuracy.result() if accuracy else self._accuracy(rows, texts_by_group)
+
+        fields = {name: pc.struct_field(responses, name) for name in RESPONSE_TYPE.names}
+        fields["accuracy_reward"] = pa.array(np.concatenate([[], *(rewards for rewards, *_ in accuracy)]), pa.float32())
+        if unscored.size:
+            # The new scores go where the unscored responses are; the others keep theirs.
+            filled = teacher_columns([s.token_ids for s in scores], *([getattr(s, n) for s in scores] for n in ("top_ids", "top_logprobs", "tail_mass")))
+            order = np.arange(len(responses))
+            order[unscored] = len(responses) + np.arange(unscored.size)
+            for name, column in filled.items():
+                fields[name] = pa.concat_arrays([fields[name], column]).take(pa.array(order))
+        scored = pa.StructArray.from_arrays([fields[name] for name in RESPONSE_TYPE.names], fields=list(RESPONSE_TYPE))
+        column = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], ends]).astype(np.int32)), scored)
         question_fields = [batch.column(name).cast(STAGE_SCHEMA.field(name).type) for name in STAGE_SCHEMA.names[:-1]]
         _, calls, retries, failures = zip(*accuracy) if accuracy else ((), (), (), ())
-        forwards = [sum(score is not None for score in group) for group in teacher_scores]
+        forwards = np.bincount(np.searchsorted(ends, unscored, side="right"), minlength=batch.num_rows)
         bookkeeping = [pa.array(calls, pa.int32()), pa.array(retries, pa.int32()), pa.array(failures, pa.string()), pa.array(forwards, pa.int32())]
-        return pa.Table.from_arrays([*question_fields, responses_array(groups), *bookkeeping], schema=SCORED_SCHEMA)
+        return pa.Table.from_arrays([*question_fields, column, *bookkeeping], schema=SCORED_SCHEMA)
 
-    def _teacher_scores(self, rows: list[dict]) -> list[list[TokenScores | None]]:
-        """Per group, the teacher's scores of its responses in order, None where they were recorded while
-        sampling; requests hold at most serve.max_n items."""
-        requests, owners = [], []
-        scores: list[list[TokenScores | None]] = []
-        for index, row in enumerate(rows):
-            unscored = [i for i, r in enumerate(row["responses"]) if r["teacher_topk_ids"] is None]
-            scores.append([None] * len(row["responses"]))
-            if not unscored:
-                continue
+    def _teacher_scores(self, rows: list[dict], owners: np.ndarray, token_ids: list[list[int]]) -> list[TokenScores]:
+        """The teacher's scores of the responses `token_ids`, each of the group `owners[i]`, in order;
+        one request per group and at most serve.max_n items."""
+        requests, spans = [], []
+        for start in range(len(token_ids)):
+            if start and owners[start] == owners[start - 1] and start - spans[-1][0] < self.items_per_request:
+                spans[-1] = (spans[-1][0], start + 1)
+            else:
+                spans.append((start, start + 1))
+        for first, end in spans:
+            row = rows[owners[first]]
             messages = image_messages(row["image_png"], row["question"])
-            for start in range(0, len(unscored), self.items_per_request):
-                chunk = unscored[start : start + self.items_per_request]
-                items = [{"messages": messages, "response_token_ids": row["responses"][i]["token_ids"]} for i in chunk]
-                requests.append(ScoreRequest(model=row["model_id"], items=items, top_k=self.top_k))
-                owners.append((index, chunk))
-        for (index, chunk), reply in zip(owners, self.client.score_many(requests), strict=True):
-            for position, score in zip(chunk, reply, strict=True):
-                scores[index][position] = score
+            items = [{"messages": messages, "response_token_ids": ids} for ids in token_ids[first:end]]
+            requests.append(ScoreRequest(model=row["model_id"], items=items, top_k=self.top_k))
+        scores = [score for reply in self.client.score_many(requests) for score in reply]
+        for sent, score, owner in zip(token_ids, scores, owners, strict=True):
+            if not np.array_equal(score.token_ids, sent):
+                raise RuntimeError(f"{rows[owner]['model_id']} scored other tokens than sent for question {rows[owner]['question_id']}")
         return scores
 
-    def _accuracy(self, rows: list[dict]) -> list[tuple[list[float], int, int, str | None]]:
+    def _accuracy(self, rows: list[dict], texts: list[list[str]]) -> list[tuple[list[float], int, int, str | None]]:
         """Per group: R_acc per response (NaN when disabled), judge calls, retries, and a failure or None."""
         if not self.use_accuracy:
-            return [([float("nan")] * len(row["responses"]), 0, 0, None) for row in rows]
+            return [([float("nan")] * len(group), 0, 0, None) for group in texts]
         if self.judge is None:
             return [
-                ([rule_accuracy(r["text"], row["answer"], self.numeric_tolerance) for r in row["responses"]], 0, 0, None)
-                for row in rows
+                ([rule_accuracy(text, row["answer"], self.numeric_tolerance) for text in group], 0, 0, None)
+                for row, group in zip(rows, texts)
             ]
         futures = [
-            [self._judge_pool.submit(self.judge.score, row["question"], row["answer"], r["text"]) for r in row["responses"]]
-            for row in rows
+            [self._judge_pool.submit(self.judge.score, row["question"], row["answer"], text) for text in group]
+            for row, group in zip(rows, texts)
         ]
         results = []
         for group in futures:

@@ -367,6 +367,28 @@ class TokenScores:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class Samples:
+    """One chat request's result for in-cluster callers (`generate_many`, `ModelClient.chat_many`): the
+    choices' texts and token ids, and the scores as arrays (`TokenScores`) rather than JSON lists:
+    `scores` per choice with `score_top_k` (else None), `scored` for `score_token_ids`, in order."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    scores: list[TokenScores | None]
+    scored: list[TokenScores]
+
+    @classmethod
+    def from_response(cls, response: ChatCompletionResponse) -> Samples:
+        """From the JSON form (another service's reply), its scores checked as `TokenScores.from_data` does."""
+        return cls(
+            texts=[choice.message.content for choice in response.choices],
+            token_ids=[choice.token_ids for choice in response.choices],
+            scores=[TokenScores.from_data(c.scores) if c.scores is not None else None for c in response.choices],
+            scored=[TokenScores.from_data(data) for data in response.scored or []],
+        )
+
+
 class ScoreResponse(BaseModel):
     object: Literal["score"] = "score"
     model: str

@@ -46,6 +46,7 @@ from serve.api import (
     Health,
     ModelCard,
     ModelList,
+    Samples,
     ScoreRequest,
     ScoreResponse,
     ServeError,
@@ -166,7 +167,8 @@ class ModelServer:
             )
         return prompt
 
-    async def generate(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def _sample(self, request: ChatCompletionRequest) -> tuple[EncodedPrompt, list[Completion], list[TokenScores]]:
+        """The encoded prompt, the request's completions and the scores of its `score_token_ids`."""
         mask_ratio = self._resolve(request.model)
         sampling = self._sampling(request)
         to_score = [self._checked_ids(ids, "score_token_ids") for ids in request.score_token_ids or []]
@@ -181,6 +183,10 @@ class ModelServer:
             self._generate_batch((mask_ratio, prompt, sampling)),
             asyncio.gather(*(self._score_batch((mask_ratio, prompt, ids, sampling.score_top_k)) for ids in to_score)),
         )
+        return prompt, completions, list(scored)
+
+    async def generate(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        prompt, completions, scored = await self._sample(request)
         choices = [
             Choice(
                 index=index,
@@ -202,7 +208,7 @@ class ModelServer:
             model=request.model,
             choices=choices,
             usage=usage,
-            scored=[score.to_data(index) for index, score in enumerate(scored)] if to_score else None,
+            scored=[score.to_data(index) for index, score in enumerate(scored)] if request.score_token_ids else None,
         )
 
     async def generate_stream(self, request: ChatCompletionRequest) -> tuple[ChatCompletionResponse, list[list[int]]]:
@@ -231,10 +237,21 @@ class ModelServer:
             content.append(TokenLogprob(**entry.model_dump(), top_logprobs=[top(i, lp) for i, lp in tops]))
         return ChoiceLogprobs(content=content)
 
-    async def generate_many(self, requests: list[ChatCompletionRequest]) -> list[ChatCompletionResponse]:
+    async def generate_many(self, requests: list[ChatCompletionRequest]) -> list[Samples]:
         """Several requests for this call's model in one handle call, for in-cluster callers: one call's
-        routing and serialisation instead of one per request, and the requests join the same batches."""
-        return list(await asyncio.gather(*(self.generate(request) for request in requests)))
+        routing and serialisation instead of one per request, and the requests join the same batches.
+        Scores come back as arrays (`Samples`): a group's top-64 is ~16k numbers, a few buffers to pickle."""
+
+        async def one(request: ChatCompletionRequest) -> Samples:
+            _, completions, scored = await self._sample(request)
+            return Samples(
+                texts=[c.text for c in completions],
+                token_ids=[c.token_ids for c in completions],
+                scores=[c.scores for c in completions],
+                scored=scored,
+            )
+
+        return list(await asyncio.gather(*(one(request) for request in requests)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, items: list[tuple[float, EncodedPrompt, Sampling]]) -> list[list[Completion]]:

@@ -94,6 +94,18 @@ def test_responses_array_from_numpy_matches_the_python_lists():
         responses_array([[response(3, 4) | {"teacher_topk_ids": [[1, 2], [3], [4, 5]]}]])
 
 
+def test_responses_array_leaves_what_a_draft_lacks_null():
+    """The pipeline's drafts: a response not scored or rewarded yet has null fields, not empty ones."""
+    scored = {"source": "teacher", "text": "a", "token_ids": [4, 5], "teacher_topk_ids": [[4, 1], [5, 1]],
+              "teacher_topk_logprobs": [[-0.5, -1.0], [-0.25, -2.0]], "teacher_tail_mass": [0.1, 0.2]}
+    draft = {"source": "student", "text": "b", "token_ids": [6]}
+    column = responses_array([[scored, draft]])
+    expected = [[scored | {"accuracy_reward": None},
+                 draft | {"accuracy_reward": None, "teacher_topk_ids": None, "teacher_topk_logprobs": None, "teacher_tail_mass": None}]]
+    assert column.equals(pa.array(expected, type=pa.list_(RESPONSE_TYPE)))
+    assert responses_array([[], []]).equals(pa.array([[], []], type=pa.list_(RESPONSE_TYPE)))
+
+
 def write_stage(records: list[StageRecord], stage_dir, files: int = 2) -> None:
     """Split the records over several Parquet files in reverse order, as a pipeline might."""
     stage_dir.mkdir(parents=True, exist_ok=True)

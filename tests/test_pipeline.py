@@ -191,11 +191,13 @@ def _directory_state(directory):
 # --------------------------------------------------------------------------- the judge over HTTP
 
 
-def test_worker_code_imports_neither_torch_nor_transformers():
+def test_worker_code_imports_neither_torch_nor_transformers_nor_serve():
     """Every sampling task and reward actor imports `cluster.responses` in a fresh process; torch and
-    transformers there cost ~9 s of CPU per process, which on two cores made the pipeline 2x slower."""
+    transformers there cost ~9 s of CPU per process, which on two cores made the pipeline 2x slower,
+    and `ray.serve` ~0.65 s, which only the workers that reach the service pay (on their first call)."""
     heavy = subprocess.run(
-        [sys.executable, "-c", "import sys, cluster.responses; print([m for m in ('torch', 'transformers') if m in sys.modules])"],
+        [sys.executable, "-c",
+         "import sys, cluster.responses; print([m for m in ('torch', 'transformers', 'ray.serve') if m in sys.modules])"],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert heavy == "[]", f"importing cluster.responses pulled in {heavy}"
@@ -284,13 +286,13 @@ def test_http_and_serve_handles_give_the_same_samples_and_scores(service, tmp_pa
     over_http = ServiceAddress(http_url=f"http://127.0.0.1:{service['port']}/v1").connect(config)
     (sampled,) = by_handle.chat_many([chat])
     (sampled_http,) = over_http.chat_many([chat])
-    assert [c.token_ids for c in sampled.choices] == [c.token_ids for c in sampled_http.choices]
-    items = [{"messages": messages, "response_token_ids": c.token_ids} for c in sampled.choices]
+    assert sampled.token_ids == sampled_http.token_ids and sampled.texts == sampled_http.texts
+    items = [{"messages": messages, "response_token_ids": token_ids} for token_ids in sampled.token_ids]
     score = ScoreRequest(model=f"{TEACHER}@0.05", items=items, top_k=4)
     (scored,) = by_handle.score_many([score])
     (scored_http,) = over_http.score_many([score])
     assert all(by_handle == by_http for by_handle, by_http in zip(scored, scored_http, strict=True))
-    assert [d.top_ids.shape for d in scored] == [(len(c.token_ids), 4) for c in sampled.choices]
+    assert [d.top_ids.shape for d in scored] == [(len(token_ids), 4) for token_ids in sampled.token_ids]
 
 
 # --------------------------------------------------------------------------- full stages
@@ -397,7 +399,7 @@ def test_teacher_scores_recorded_while_sampling_equal_generate_then_score(servic
     )  # fmt: skip
     for record, reply, scores in zip(records, plain, rescored, strict=True):
         teacher = [r for r in record.responses if r.source == "teacher"]
-        assert [r.token_ids for r in teacher] == [c.token_ids for c in reply.choices]
+        assert [r.token_ids for r in teacher] == reply.token_ids
         for response, score in zip(record.responses, scores, strict=True):
             assert response.teacher_topk_ids == score.top_ids.tolist()
             np.testing.assert_allclose(response.teacher_topk_logprobs, score.top_logprobs, atol=1e-5, rtol=0)

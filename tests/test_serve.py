@@ -337,7 +337,8 @@ def test_in_cluster_handle_takes_the_same_payloads(service):
     assert [arrays.token_ids.tolist() for arrays in many[1]] == [c.token_ids for c in result.choices]
     assert many[1][0].top_ids.shape == (len(result.choices[0].token_ids), 64)  # generation.teacher_topk
     chats = handle.generate_many.remote([request, request]).result(timeout_s=60)
-    assert [[c.token_ids for c in reply.choices] for reply in chats] == [[c.token_ids for c in result.choices]] * 2
+    assert [reply.token_ids for reply in chats] == [[c.token_ids for c in result.choices]] * 2
+    assert [reply.texts for reply in chats] == [[c.message.content for c in result.choices]] * 2
 
 
 def test_score_data_from_another_service_is_checked_before_use():
