@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/loss_memory.py [--tokens 256 1024 4096] [--chunks 256 1024] [--vocab 32000]
 
-Model: the micro LLaVA of the tests (`masters.models.MICRO`: Llama 64 wide x 2 layers, CLIP 32 x 2,
+Model: the micro LLaVA of the tests (`masters.tiny_vlms.MICRO`: Llama 64 wide x 2 layers, CLIP 32 x 2,
 random weights) with its vocabulary padded to `--vocab` (32k: a tokenizer's worth of LM head, 2.05M of
 its 2.16M parameters). One question with 8 responses of equal length per batch (`--tokens` response
 tokens in all), teacher top-64 per token, the default objective (`full`: JSD + GRPO with the k3 KL to a
-frozen reference, which is a copy of the student). Both sides run `masters.student_step.student_loss`:
+frozen reference, which is a copy of the student). Both sides run `masters.student_loss.student_loss`:
 `loss.chunk_tokens: null` (the reference's and the student's [8, T, V] logits, then `masters_loss`) and
 `loss.chunk_tokens: C` (hidden states, then LM head + log-softmax + per-token terms C tokens at a time).
 
@@ -26,15 +26,10 @@ import multiprocessing
 import os
 import random
 import time
-from pathlib import Path
 
-for _name, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_name, _value)
+import harness
+
+harness.run_offline_on_one_thread()
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -42,9 +37,9 @@ from PIL import Image  # noqa: E402
 from masters.batching import ResponseBatch, collate_records  # noqa: E402
 from masters.config import LossConfig, RewardConfig  # noqa: E402
 from masters.families import VLMFamily  # noqa: E402
-from masters.models import MICRO, build_model, build_processor, train_tokenizer  # noqa: E402
+from masters.tiny_vlms import MICRO, build_model, build_processor, train_tokenizer  # noqa: E402
 from masters.records import Response, StageRecord  # noqa: E402
-from masters.student_step import needs_reference, response_hidden_states, student_loss  # noqa: E402
+from masters.student_loss import needs_reference, response_hidden_states, student_loss  # noqa: E402
 
 RESPONSES = 8
 TOPK = 64
@@ -58,14 +53,6 @@ MODEL_ONLY = "model only"
 MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_"
 ALLOCATORS = {"live tensors": 1 << 20, "glibc default": None}
 TIMED = "glibc default"  # mmapping every buffer costs page faults, so times come from the default setting
-
-
-def _status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
 
 
 def synthetic_batch(processor, family: VLMFamily, tokens: int, vocab: int, seed: int = 0) -> ResponseBatch:
@@ -131,12 +118,12 @@ def _probe(tokens: int, chunk_tokens: int | None | str, vocab: int, queue) -> No
     step(synthetic_batch(processor, family, WARMUP_TOKENS, vocab, seed=1))
     student.zero_grad(set_to_none=True)
     batch = synthetic_batch(processor, family, tokens, vocab)
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    floor = _status_mb("VmRSS")
+    harness.reset_peak()
+    floor = harness.status_mb("VmRSS")
     started = time.perf_counter()
     step(batch)
     seconds = time.perf_counter() - started
-    queue.put((_status_mb("VmHWM") - floor, seconds, floor))
+    queue.put((harness.status_mb("VmHWM") - floor, seconds, floor))
 
 
 def measure(

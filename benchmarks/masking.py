@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+import harness
 from masters.config import MaskConfig
-from masters.masking import TeacherMasker, export_masked_checkpoints, mask_levels, masked_parameter_names, zeroed_count
+from masters.io import aligned_table
+from masters.mask_export import export_masked_checkpoints
+from masters.masking import TeacherMasker, mask_levels, masked_parameter_names, zeroed_count
 
 GiB = 2**30
 QUANTILE_MAX_NUMEL = 2**24  # torch.quantile refuses larger inputs
@@ -40,23 +43,12 @@ def build_model() -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, tie_word_embeddings=True)).eval()
 
 
-def rss() -> int:
-    return _status_kib("VmRSS") * 1024
+def rss() -> float:
+    return harness.status_mb("VmRSS") * 2**20
 
 
-def peak_rss() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def peak_rss() -> float:
+    return harness.status_mb("VmHWM") * 2**20
 
 
 def timed(fn) -> float:
@@ -128,7 +120,7 @@ def main() -> None:
 
     # (c) first, while the heap holds nothing freed yet: memory of the masker (bands + temporaries)
     base_rss = rss()
-    reset_peak_rss()
+    harness.reset_peak()
     start = time.perf_counter()
     masker = TeacherMasker(model, ratios)
     t_init = time.perf_counter() - start
@@ -166,7 +158,7 @@ def main() -> None:
     [b.copy_(t) for b, t in zip(buffers, masked)]  # fault the buffers in before measuring the peak
     copy_times, step_times, jump_up_times, jump_down_times = [], [], [], []
     masker.set_mask_ratio(0.0)
-    reset_peak_rss()
+    harness.reset_peak()
     before_switch = rss()
     for _ in range(4):
         copy_times.append(timed(lambda: [b.copy_(t) for b, t in zip(buffers, masked)]))
@@ -194,7 +186,7 @@ def main() -> None:
         masker.set_mask_ratio(0.0)
         model.save_pretrained(source, max_shard_size="1GB")
         before_export = rss()
-        reset_peak_rss()
+        harness.reset_peak()
         out_dirs = {r: Path(tmp) / "masked" / str(r) for r in ratios}
         t_export = timed(lambda: export_masked_checkpoints(source, out_dirs, max_shard_bytes=2**30))
         export_peak = peak_rss() - before_export
@@ -227,10 +219,8 @@ def main() -> None:
         ("peak RSS added by export (all levels)", f"{export_peak / 2**20:.0f} MiB",
          f"{export_peak / model_bytes:.2f}x model; {export_peak / largest_any:.1f}x largest checkpoint tensor ({largest_any / 2**20:.0f} MiB)"),
     ]
-    widths = [max(len(row[c]) for row in rows) for c in range(3)]
     print(f"\nload average after the run {os.getloadavg()[0]:.1f}")
-    for row in rows:
-        print(f"{row[0].ljust(widths[0])}  {row[1].rjust(widths[1])}  {row[2]}")
+    print(aligned_table(rows, right_aligned={1}))
 
 
 if __name__ == "__main__":

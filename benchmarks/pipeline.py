@@ -92,7 +92,7 @@ def stage_of(config, questions: int):
     )
 
 
-def sample(engine, config, prompts, rows, model: str, n: int, score_top_k: int | None = None):
+def sample(engine, config, prompts, rows, model: str, n: int, score_top_logprobs: int | None = None):
     from cluster.responses import request_seed
     from serve.engine import Sampling
 
@@ -109,7 +109,7 @@ def sample(engine, config, prompts, rows, model: str, n: int, score_top_k: int |
                     top_k=sampling.top_k,
                     repetition_penalty=sampling.repetition_penalty,
                     seed=request_seed(config.generation.seed, model, row["question_id"]),
-                    score_top_k=score_top_k,
+                    score_top_logprobs=score_top_logprobs,
                 ),
             )
             for prompt, row in zip(prompts, rows)
@@ -125,10 +125,10 @@ def stage_records(engine, student_engine, config, rows: list[dict], times: dict[
 
     from cluster.responses import image_messages
     from masters.records import STAGE_SCHEMA, responses_array
-    from masters.rewards import rule_accuracy
+    from masters.judging import rule_accuracy
     from serve.api import ChatMessage
     from serve.engine import chat_prompt
-    from serve.levels import STUDENT, model_id
+    from masters.curriculum import STUDENT, model_id
 
     generation = config.generation
     model = model_id(TEACHER, MASK_RATIO)

@@ -76,43 +76,43 @@ def measure(size: int, work: Path) -> dict:
     import ray
     from ray import serve
 
+    from cluster.curriculum import StageHandoff
     from cluster.pipeline import run_stages
     from cluster.responses import ServiceAddress
-    from cluster.train import RecordsGate, TrainingStage, train_curriculum
-    from jobs.distill import resolve_models
-    from masters.curriculum import plan_curriculum
+    from cluster.train import TrainingStage, train_curriculum
+    from masters.curriculum import STUDENT, plan_curriculum
     from masters.data.source import QuestionIndex
+    from masters.run_layout import RunLayout
+    from masters.zoo import resolve_model_paths
     from serve.app import start
-    from serve.levels import STUDENT
 
     config = config_for(size, work)
-    model_paths = resolve_models(config)
+    model_paths = resolve_model_paths(config, build_missing=True)
     clock = time.perf_counter()
     questions = QuestionIndex.open(config.data, "train", size, config.storage_path)
     index_s = time.perf_counter() - clock
     (stage,) = plan_curriculum(config, size)
-    run_dir = Path(config.storage_path) / config.name
+    layout = RunLayout.of(config)
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         start(config, model_paths)
         arrivals: list[tuple[float, int]] = []
         (records,) = run_stages(
-            config, [stage], questions, run_dir, ServiceAddress(), model_paths[STUDENT],
+            config, [stage], questions, layout.records_root, ServiceAddress(), model_paths[STUDENT],
             on_groups=lambda _, count: arrivals.append((time.perf_counter(), count)),
         )  # fmt: skip
         serve.shutdown()  # the trainer gets the CPUs the replicas held
-        gate = RecordsGate.remote()
-        ray.get(gate.ready.remote(stage.stage_id, str(records.directory.resolve())))
-        out_dir = run_dir / "trained"
+        handoff = StageHandoff.remote()
+        ray.get(handoff.ready.remote(stage.stage_id, str(records.directory.resolve())))
         (trained,) = train_curriculum(
             config,
-            [TrainingStage(stage.stage_id, stage.optimizer_steps, str(out_dir))],
-            gate,
+            [TrainingStage(stage.stage_id, stage.optimizer_steps, str(layout.stage_output(stage.stage_id)))],
+            handoff,
             student_in=model_paths[STUDENT],
             reference=model_paths[STUDENT],
-            run_name="scale",
-            storage_path=str(run_dir / "ray_train"),
+            run_name=layout.train_run_name,
+            storage_path=str(layout.train_storage),
         )
     finally:
         ray.shutdown()

@@ -57,7 +57,7 @@ def as_lists(scores: list[TokenScores]) -> pa.Array:
         )
         for i, s in enumerate(scores)
     ]
-    reply = ScoreResponse(model="t@0.1", top_k=TOP_K, data=data, usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
+    reply = ScoreResponse(model="t@0.1", top_logprobs=TOP_K, data=data, usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
     reply = pickle.loads(pickle.dumps(reply, protocol=5))  # across the handle
     # Reward actor: dicts, then Arrow.
     group = [

@@ -40,18 +40,9 @@ from masters.tiny_vlms import ModelSize, build_model, build_processor, train_tok
 from serve.api import ChatMessage  # noqa: E402
 from serve.engine import Sampling, TransformersEngine, chat_prompt  # noqa: E402
 
-BENCH_SIZE = ModelSize(
-    text_hidden_size=256,
-    text_layers=4,
-    text_heads=4,
-    text_intermediate_size=688,
-    vision_hidden_size=64,
-    vision_layers=2,
-    vision_heads=2,
-    vision_intermediate_size=128,
-    image_size=32,
-    patch_size=8,
-)
+BENCH_SIZE = ModelSize(text_hidden_size=256, text_layers=4, text_heads=4, text_intermediate_size=688,
+                       vision_hidden_size=64, vision_layers=2, vision_heads=2, vision_intermediate_size=128,
+                       image_size=32, patch_size=8)  # fmt: skip
 MAX_TOKENS = 32
 CONCURRENCY = (1, 8, 32)
 REQUESTS_PER_CLIENT = 3

@@ -5,7 +5,7 @@ per worker against a trainer that also holds the teacher and runs its forward pa
 
 Models are the zoo's default student and large teacher shapes with random weights (speed and memory
 do not depend on the weights); records are synthetic (8 responses per question, up to 16 tokens,
-teacher top-64). Both sides run the same loss code (`masters.student_step.student_loss`) on the same
+teacher top-64). Both sides run the same loss code (`masters.student_loss.student_loss`) on the same
 batches: 4 questions per update, one question (8 responses) per forward.
 
 Throughput is response tokens per second over the steps after the first (warm-up), measured inside
@@ -26,15 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-for _name, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "DS_ACCELERATOR": "cpu",
-    "OMP_NUM_THREADS": "1",  # Ray workers inherit it: one thread each on the two cores
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+import harness
+
+harness.run_offline_on_one_thread()
+for _name, _value in {"WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu"}.items():
     os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
@@ -47,7 +42,7 @@ from masters.config import MastersConfig  # noqa: E402
 from masters.models import load_model, parameter_count, save_model  # noqa: E402
 from masters.tiny_vlms import build_model, build_processor, train_tokenizer  # noqa: E402
 from masters.records import Response, StageRecord, records_to_table  # noqa: E402
-from masters.student_step import needs_reference, response_logits, student_loss  # noqa: E402
+from masters.student_loss import needs_reference, response_logits, student_loss  # noqa: E402
 
 QUESTIONS_PER_BATCH = 4
 GROUP_SIZE = 8
@@ -159,14 +154,6 @@ def plain_loop(stage_dir: Path, student_dir: Path, steps: int, threads: int = 2)
 # --------------------------------------------------------------------------- memory per worker
 
 
-def _status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
-
-
 def _memory_probe(colocated: bool, stage_dir: str, student_dir: str, teacher_dir: str, steps: int, queue) -> None:
     """One worker's share of training in a fresh process: student + reference, and with `colocated`
     also the teacher and its forward on every micro-batch. Puts (peak MB added by the models and
@@ -180,8 +167,8 @@ def _memory_probe(colocated: bool, stage_dir: str, student_dir: str, teacher_dir
         skeleton = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(student_dir))
     family = VLMFamily(skeleton, processor)
     collate_records(table.records(plan.worker_micro_batches(0, 0)[0]), family)  # warm the data path
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    floor = _status_mb("VmRSS")
+    harness.reset_peak()
+    floor = harness.status_mb("VmRSS")
     student = load_model(student_dir)[0].train()
     reference = load_model(student_dir)[0].requires_grad_(False)
     teacher = load_model(teacher_dir)[0].requires_grad_(False) if colocated else None
@@ -197,7 +184,7 @@ def _memory_probe(colocated: bool, stage_dir: str, student_dir: str, teacher_dir
             (output.loss / 2).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    queue.put((_status_mb("VmHWM") - floor, floor))
+    queue.put((harness.status_mb("VmHWM") - floor, floor))
 
 
 def peak_added_mb(colocated: bool, stage_dir: Path, student_dir: Path, teacher_dir: Path, steps: int = 3) -> tuple[float, float]:
@@ -224,7 +211,8 @@ def main() -> None:
 
     import ray
 
-    from cluster.train import RecordsGate, TrainingStage, train_curriculum
+    from cluster.curriculum import StageHandoff
+    from cluster.train import TrainingStage, train_curriculum
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
@@ -245,10 +233,10 @@ def main() -> None:
         try:
             for strategy in args.strategies:
                 started = time.perf_counter()
-                records_gate = RecordsGate.remote()
-                records_gate.ready.remote("bench/0", str(stage_dir))
+                handoff = StageHandoff.remote()
+                handoff.ready.remote("bench/0", str(stage_dir))
                 (result,) = train_curriculum(config_for(strategy), [TrainingStage("bench/0", args.steps, str(tmp / "out" / strategy))],
-                                             records_gate, student_dir, student_dir, f"bench-{strategy}", str(tmp / "runs"))
+                                             handoff, student_dir, student_dir, f"bench-{strategy}", str(tmp / "runs"))
                 fit_seconds = time.perf_counter() - started
                 rows.append((f"Ray Train {strategy}, 2 workers x 1 thread", steady_tokens_per_s(result.metrics),
                              fit_seconds, result.metrics[-1]["peak_rss_mb"]))

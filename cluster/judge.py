@@ -1,24 +1,21 @@
-"""The LLM judge client: R_acc from any OpenAI-compatible chat endpoint (method.md §3).
+"""The LLM judge client: R_acc from any OpenAI-compatible chat endpoint (docs/method.md §3).
 
 One score is at most two conversations: the judge prompt, and, when its reply has no readable
 ``<answer>`` tag, a second call asking for a bare 0 or 1. Every HTTP call is retried on timeouts,
-connection errors, 429 and 5xx with exponential backoff. What still fails raises
+connection errors and transient statuses with exponential backoff (`cluster.http`). What still fails raises
 :class:`JudgeError`; the caller applies the stage's failure policy. A failure is never scored 0.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
 
 import httpx
 
+from cluster.http import RetriesExhausted, post_with_retries
 from masters.config import JudgeConfig
-from masters.rewards import judge_messages, judge_retry_messages, parse_bare_score, parse_judge_score
-
-# Statuses worth another try: the server is overloaded or broken right now, not our request.
-_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+from masters.io import api_key_from_env
+from masters.judging import judge_messages, judge_retry_messages, parse_bare_score, parse_judge_score
 
 
 class JudgeError(RuntimeError):
@@ -61,14 +58,7 @@ class JudgeClient:
     @classmethod
     def from_config(cls, judge: JudgeConfig, endpoint: str, model: str, backoff_s: float = 0.5) -> JudgeClient:
         """`endpoint`/`model` are the resolved ones (the config's, or the unmasked teacher's when unset)."""
-        api_key = None
-        if judge.api_key_env is not None:
-            api_key = os.environ.get(judge.api_key_env)
-            if not api_key:
-                raise ValueError(
-                    f"rewards.judge.api_key_env names {judge.api_key_env!r}, which is not set in the environment; "
-                    "export it (on every node) or set rewards.judge.api_key_env=null"
-                )
+        api_key = api_key_from_env(judge.api_key_env, "rewards.judge.api_key_env")
         return cls(endpoint, model, judge.timeout_s, judge.max_retries, api_key=api_key, backoff_s=backoff_s)
 
     def close(self) -> None:
@@ -93,34 +83,26 @@ class JudgeClient:
     def _complete(self, messages: list[dict[str, str]], tally: _Tally) -> str:
         """The reply text of one chat completion, retried on transient failures."""
         body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": self.max_tokens}
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                tally.retries += 1
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            tally.calls += 1
-            try:
-                reply = self._http.post(self.url, json=body)
-            except httpx.TransportError as exc:  # timeouts and connection errors
-                problem = f"{type(exc).__name__}: {exc}"
-                continue
-            if reply.status_code in _TRANSIENT_STATUS:
-                problem = f"HTTP {reply.status_code}: {reply.text[:200]}"
-                continue
-            if reply.status_code != 200:
-                raise tally.error(
-                    f"judge at {self.url} rejected the request with HTTP {reply.status_code}: {reply.text[:300]} "
-                    "(check rewards.judge.endpoint, rewards.judge.model and the API key)"
-                )
-            try:
-                return reply.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise tally.error(
-                    f"judge at {self.url} answered HTTP 200 without an OpenAI chat completion: {reply.text[:300]}"
-                ) from None
-        raise tally.error(
-            f"judge at {self.url} failed {self.max_retries + 1} times (rewards.judge.max_retries="
-            f"{self.max_retries}); last error: {problem}"
-        )
+        try:
+            reply, calls = post_with_retries(self._http, self.url, body, self.max_retries, self.backoff_s)
+        except RetriesExhausted as exc:
+            tally.count(exc.attempts)
+            raise tally.error(
+                f"judge at {self.url} failed {exc.attempts} times (rewards.judge.max_retries="
+                f"{self.max_retries}); last error: {exc.problem}"
+            ) from None
+        tally.count(calls)
+        if reply.status_code != 200:
+            raise tally.error(
+                f"judge at {self.url} rejected the request with HTTP {reply.status_code}: {reply.text[:300]} "
+                "(check rewards.judge.endpoint, rewards.judge.model and the API key)"
+            )
+        try:
+            return reply.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise tally.error(
+                f"judge at {self.url} answered HTTP 200 without an OpenAI chat completion: {reply.text[:300]}"
+            ) from None
 
 
 @dataclass
@@ -129,6 +111,11 @@ class _Tally:
 
     calls: int = 0
     retries: int = 0
+
+    def count(self, requests: int) -> None:
+        """`requests` made for one call: the first, then retries."""
+        self.calls += requests
+        self.retries += requests - 1
 
     def error(self, message: str) -> JudgeError:
         return JudgeError(message, self.calls, self.retries)

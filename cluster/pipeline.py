@@ -1,4 +1,4 @@
-"""The generation and reward pipeline of the curriculum's stages (design.md, steps 3-4), on Ray Data.
+"""The generation and reward pipeline of the curriculum's stages (docs/design.md, steps 3-4), on Ray Data.
 
     dataset file ──► read the stage's questions, row group by row group (the driver holds only ids)
         ──► sample the initial student (`group_student` each) and the teacher at the stage's level (`group_teacher`)
@@ -14,8 +14,6 @@ removed and redone from the start. `run_stages` streams several stages through o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -28,12 +26,13 @@ import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from cluster.responses import READ_SCHEMA, RewardScorer, ServiceAddress, read_stage_questions, sample_responses
-from cluster.stage_store import PartWriter, is_complete, read_manifest, records_root, remove_partial, stage_dir
+from cluster.stage_store import PartWriter, is_complete, read_manifest, remove_partial
 from masters.config import MastersConfig
-from masters.curriculum import Stage
+from masters.curriculum import Stage, model_id
 from masters.data.source import QuestionIndex
+from masters.io import json_digest
 from masters.records import SCHEMA_VERSION, stage_schema
-from serve.levels import model_id
+from masters.run_layout import stage_records_dir
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +49,6 @@ class StageFailedError(RuntimeError):
 # --------------------------------------------------------------------------- stage planning and hashing
 
 
-def _digest(payload: object) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def stage_config_hash(
     config: MastersConfig, teacher: str, mask_ratio: float, stage_index: int, question_ids: Sequence[str]
 ) -> str:
@@ -62,11 +57,11 @@ def stage_config_hash(
     batch sizes, timeouts) are left out."""
     (teacher_config,) = [t for t in config.models.teachers if t.name == teacher]
     judge = config.rewards.judge.model_dump(exclude={"timeout_s", "max_retries", "api_key_env"})
-    generation = config.generation.model_dump()
+    generation = config.generation.model_dump(exclude={"questions_per_task"})
     if config.loss.on_dataset_responses:  # nothing is sampled: only how the teacher's scores are stored counts
         generation = {key: generation[key] for key in ("teacher_topk", "teacher_logprobs_dtype")}
     samples_student = not config.loss.on_dataset_responses and config.generation.group_student > 0
-    return _digest(
+    return json_digest(
         {
             "schema_version": SCHEMA_VERSION,
             "responses": "dataset" if config.loss.on_dataset_responses else "generated",
@@ -77,18 +72,19 @@ def stage_config_hash(
             "use_accuracy": config.rewards.use_accuracy,
             "judge": judge if config.rewards.use_accuracy else None,
             "data": config.data.model_dump(),
-            "questions": _digest(list(question_ids)),
+            "questions": json_digest(list(question_ids)),
             "student": config.models.student if samples_student else None,
         }
     )
 
 
-def stage_records(config: MastersConfig, stage: Stage, train_ids: Sequence[str], run_dir: str | Path) -> tuple[str, Path]:
-    """The config hash and directory of `stage`'s records: named by what produced them, so runs sharing a
-    records root share a stage exactly when they would generate it alike (`jobs/ablate.py --dry-run` lists them)."""
+def stage_records(config: MastersConfig, stage: Stage, train_ids: Sequence[str], records_root: str | Path) -> tuple[str, Path]:
+    """The config hash and directory of `stage`'s records under `records_root` (`RunLayout.records_root`):
+    named by what produced them, so runs sharing a records root share a stage exactly when they would
+    generate it alike (`jobs/ablate.py --dry-run` lists them)."""
     question_ids = [train_ids[i] for i in stage.question_indices]
     config_hash = stage_config_hash(config, stage.teacher, stage.mask_ratio, stage.teacher_stage, question_ids)
-    return config_hash, stage_dir(records_root(config, run_dir), stage.teacher, stage.teacher_stage, config_hash)
+    return config_hash, stage_records_dir(records_root, stage.teacher, stage.teacher_stage, config_hash)
 
 
 def judge_target(config: MastersConfig) -> tuple[str | None, str | None]:
@@ -101,10 +97,11 @@ def judge_target(config: MastersConfig) -> tuple[str | None, str | None]:
 
 
 def _stage_reads(config: MastersConfig, stage: Stage, questions: QuestionIndex) -> list[pa.Table]:
-    """The stage's questions as blocks of row-group reads (`READ_SCHEMA`) of at most one engine batch,
-    at least as many as sampling tasks, so the tasks and the reward actors work in parallel. A row
-    group is read once per block that needs it: at scale a stage takes a few questions of each."""
-    size = max(1, min(config.serve.max_batch_size, math.ceil(len(stage.question_indices) / SAMPLING_TASKS)))
+    """The stage's questions as blocks of row-group reads (`READ_SCHEMA`) of at most
+    `generation.questions_per_task` questions, at least as many as sampling tasks, so the tasks and the
+    reward actors work in parallel. A row group is read once per block that needs it: at scale a stage
+    takes a few questions of each."""
+    size = max(1, min(config.generation.questions_per_task, math.ceil(len(stage.question_indices) / SAMPLING_TASKS)))
     stage_columns = {
         "teacher": stage.teacher,
         "mask_ratio": stage.mask_ratio,
@@ -125,7 +122,9 @@ def _stage_reads(config: MastersConfig, stage: Stage, questions: QuestionIndex) 
 
 
 @dataclass
-class StepResult:
+class StageRecords:
+    """A stage's records as written: its directory and manifest."""
+
     directory: Path
     manifest: dict
     skipped: bool  # True when a matching finished directory was already there
@@ -134,7 +133,7 @@ class StepResult:
 
 def _with_samples(dataset, config: MastersConfig, address: ServiceAddress, n: int, source: str):
     """Add `n` sampled responses per question from `source`'s model (Ray tasks, a few in flight), a
-    block (at most one engine batch of questions, `_stage_reads`) per call. A `batch_size` here would
+    block (at most `generation.questions_per_task` questions, `_stage_reads`) per call. A `batch_size` here would
     count the read step's rows, which are row-group reads, and bundle a whole stage into one task."""
     return dataset.map_batches(
         sample_responses,
@@ -150,10 +149,10 @@ def _with_samples(dataset, config: MastersConfig, address: ServiceAddress, n: in
 
 
 def run_stage(
-    config: MastersConfig, stage: Stage, questions: QuestionIndex, run_dir: str | Path, address: ServiceAddress, student_dir: str | Path
-) -> StepResult:
-    """Produce (or find) the records of `stage` in `<records>/stages/<teacher>/<k>-<hash>/`."""
-    (result,) = run_stages(config, [stage], questions, run_dir, address, student_dir)
+    config: MastersConfig, stage: Stage, questions: QuestionIndex, records_root: str | Path, address: ServiceAddress, student_dir: str | Path
+) -> StageRecords:
+    """Produce (or find) the records of `stage` in `<records_root>/stages/<teacher>/<k>-<hash>/`."""
+    (result,) = run_stages(config, [stage], questions, records_root, address, student_dir)
     return result
 
 
@@ -174,12 +173,12 @@ def run_stages(
     config: MastersConfig,
     stages: Sequence[Stage],
     questions: QuestionIndex,
-    run_dir: str | Path,
+    records_root: str | Path,
     address: ServiceAddress,
     student_dir: str | Path,
-    on_stage_done: Callable[[Stage, StepResult], None] | None = None,
+    on_stage_done: Callable[[Stage, StageRecords], None] | None = None,
     on_groups: Callable[[Stage, int], None] | None = None,
-) -> list[StepResult]:
+) -> list[StageRecords]:
     """Produce (or find) the records of `stages`, in order, through one Ray Data execution.
 
     `questions` indexes the run's train split; Ray Data tasks read each stage's questions from it,
@@ -194,7 +193,7 @@ def run_stages(
     """
     generation = config.generation
     naive = config.loss.on_dataset_responses
-    results: dict[str, StepResult] = {}
+    results: dict[str, StageRecords] = {}
     pending: dict[tuple[str, int], _PendingStage] = {}
     blocks: list[pa.Table] = []
     for stage in stages:
@@ -208,10 +207,10 @@ def run_stages(
                 f"stage {stage.stage_id} indexes question {max(stage.question_indices)} but the train split has "
                 f"{len(questions)}; plan the curriculum with the same data.train_size"
             )
-        config_hash, directory = stage_records(config, stage, questions.ids, run_dir)
+        config_hash, directory = stage_records(config, stage, questions.ids, records_root)
         if is_complete(directory, config_hash):
             logger.info("stage %s is complete in %s; skipping", stage.stage_id, directory)
-            results[stage.stage_id] = StepResult(directory, read_manifest(directory), skipped=True)
+            results[stage.stage_id] = StageRecords(directory, read_manifest(directory), skipped=True)
             if on_stage_done:
                 on_stage_done(stage, results[stage.stage_id])
             continue
@@ -273,7 +272,7 @@ def run_stages(
         )
         item.writer.__exit__(None, None, None)  # renames the stage directory into place
         item.writer = None
-        results[item.stage.stage_id] = StepResult(item.directory, manifest, skipped=False)
+        results[item.stage.stage_id] = StageRecords(item.directory, manifest, skipped=False)
         if on_stage_done:
             on_stage_done(item.stage, results[item.stage.stage_id])
 

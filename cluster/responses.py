@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -26,13 +24,17 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from cluster.http import post_with_retries
 from cluster.judge import JudgeClient, JudgeError
 from masters.config import MastersConfig
+from masters.curriculum import STUDENT
 from masters.data.source import read_questions
+from masters.io import api_key_from_env
+from masters.judging import rule_accuracy
 from masters.records import RESPONSE_TYPE, STAGE_SCHEMA, TEACHER_FIELDS, responses_array, teacher_columns
-from masters.rewards import rule_accuracy
 from serve.api import ChatCompletionRequest, ChatCompletionResponse, Samples, ScoreRequest, ScoreResponse, TokenScores
-from serve.levels import STUDENT, model_handle
+from serve.levels import model_handle
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -143,36 +145,21 @@ class ServeModelClient:
 
 
 class HttpModelClient:
-    """Our API over HTTP, with retries while the service is overloaded (503) or restarting."""
+    """Our API over HTTP, with retries while the service is overloaded or restarting (`cluster.http`)."""
 
     def __init__(self, base_url: str, api_key_env: str | None, timeout_s: float, concurrency: int = 32):
-        headers = {}
-        if api_key_env is not None:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise ValueError(f"the teacher service's API key variable {api_key_env!r} is not set in the environment")
-            headers["Authorization"] = f"Bearer {key}"
+        key = api_key_from_env(api_key_env, "ServiceAddress.api_key_env")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(timeout=timeout_s, headers=headers, limits=httpx.Limits(max_connections=concurrency))
         self._pool = ThreadPoolExecutor(concurrency)
 
     def _post(self, route: str, payload: dict) -> dict:
         url = f"{self.base_url}{route}"
-        for attempt in range(SERVICE_RETRIES + 1):
-            if attempt:
-                time.sleep(SERVICE_BACKOFF_S * 2 ** (attempt - 1))
-            try:
-                reply = self._http.post(url, json=payload)
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                continue
-            if reply.status_code in (429, 502, 503, 504):
-                problem = f"HTTP {reply.status_code}: {reply.text[:200]}"
-                continue
-            if reply.status_code != 200:
-                raise RuntimeError(f"POST {url} answered HTTP {reply.status_code}: {reply.text[:500]}")
-            return reply.json()
-        raise RuntimeError(f"POST {url} failed {SERVICE_RETRIES + 1} times; last error: {problem}")
+        reply, _ = post_with_retries(self._http, url, payload, SERVICE_RETRIES, SERVICE_BACKOFF_S)
+        if reply.status_code != 200:
+            raise RuntimeError(f"POST {url} answered HTTP {reply.status_code}: {reply.text[:500]}")
+        return reply.json()
 
     def chat_many(self, requests: list[ChatCompletionRequest]) -> list[Samples]:
         payloads = [request.model_dump(exclude_none=True) for request in requests]
@@ -293,7 +280,7 @@ def sample_responses(
             messages=image_messages(row["image_png"], row["question"]),
             n=n,
             seed=request_seed(config.generation.seed, model, row["question_id"]),
-            score_top_k=config.generation.teacher_topk if teacher else None,
+            score_top_logprobs=config.generation.teacher_topk if teacher else None,
             score_token_ids=[r["token_ids"] for r in others] or None,
             **_sampling_fields(config),
         )
@@ -336,7 +323,7 @@ class RewardScorer:
     def __init__(self, address: ServiceAddress, config: MastersConfig, judge_endpoint: str | None, judge_model: str | None):
         self.client = address.connect(config)
         self.top_k = config.generation.teacher_topk
-        self.items_per_request = config.serve.max_n
+        self.items_per_request = config.serve.max_score_items
         self.use_accuracy = config.rewards.use_accuracy
         self.numeric_tolerance = config.rewards.judge.numeric_tolerance
         self.judge = None
@@ -379,7 +366,7 @@ class RewardScorer:
 
     def _teacher_scores(self, rows: list[dict], owners: np.ndarray, token_ids: list[list[int]]) -> list[TokenScores]:
         """The teacher's scores of the responses `token_ids`, each of the group `owners[i]`, in order;
-        one request per group and at most serve.max_n items."""
+        one request per group and at most serve.max_score_items items."""
         requests, spans = [], []
         for start in range(len(token_ids)):
             if start and owners[start] == owners[start - 1] and start - spans[-1][0] < self.items_per_request:
@@ -390,7 +377,7 @@ class RewardScorer:
             row = rows[owners[first]]
             messages = image_messages(row["image_png"], row["question"])
             items = [{"messages": messages, "response_token_ids": ids} for ids in token_ids[first:end]]
-            requests.append(ScoreRequest(model=row["model_id"], items=items, top_k=self.top_k))
+            requests.append(ScoreRequest(model=row["model_id"], items=items, top_logprobs=self.top_k))
         scores = [score for reply in self.client.score_many(requests) for score in reply]
         for sent, score, owner in zip(token_ids, scores, owners, strict=True):
             if not np.array_equal(score.token_ids, sent):

@@ -19,24 +19,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from masters.config import MastersConfig
 from masters.io import atomic_directory, atomic_write_json
 from masters.records import ROWS_PER_ROW_GROUP, SCHEMA_VERSION, check_schema
 
 MANIFEST = "manifest.json"
 # ~8 responses x 16 tokens x 64 top-k entries x 8 bytes ≈ 65 KB a row: parts of ~16 MB.
 ROWS_PER_FILE = 256
-
-
-def records_root(config: MastersConfig, run_dir: str | Path) -> Path:
-    """Where a run's records live: `records_path` when set (shared between runs), else the run directory."""
-    return Path(config.records_path) if config.records_path is not None else Path(run_dir)
-
-
-def stage_dir(root: str | Path, teacher: str, stage_index: int, config_hash: str) -> Path:
-    """`<root>/stages/<teacher>/<k>-<hash>/`: named by what produced the records (`stage_config_hash`), so
-    runs sharing a root share a stage exactly when they would generate it alike."""
-    return Path(root) / "stages" / teacher / f"{stage_index}-{config_hash}"
 
 
 def read_manifest(directory: str | Path) -> dict | None:

@@ -3,10 +3,11 @@
 Each worker holds the student and, for the ``full`` objective, the frozen reference (the initial
 student); teachers never enter the trainer, their top-k log-probs come with the stage records.
 The workers go through the stages in plan order. A stage's records come from the driver, which
-generates them ahead of the trainer: :class:`RecordsGate` says when a stage's directory is written.
+generates them ahead of the trainer: a `cluster.curriculum.StageHandoff` says when a stage's directory
+is written.
 Workers read the stage's Parquet files, take their deterministic shard (:class:`ShardPlan`), and
 make one optimizer update per batch of `train.questions_per_batch` questions, accumulating
-`train.grad_accum_steps` micro-batches. The loss is :func:`masters.student_step.student_loss`, the
+`train.grad_accum_steps` micro-batches. The loss is :func:`masters.student_loss.student_loss`, the
 same code the single-process baseline in ``benchmarks/train.py`` runs. One optimizer runs through
 all stages, as in one long training run whose data changes at the stage boundaries.
 
@@ -17,7 +18,7 @@ again and again (docs/benchmarks.md).
 Checkpoints (weights + optimizer state + position) are reported every `train.checkpoint_every_steps`
 updates and at the end of every stage; a stage's last one also holds the gathered student in
 Hugging Face format (``student/``), which rank 0 then publishes to the stage's `out_dir` with the
-stage's metrics (:data:`STAGE_RESULT_FILE`). Re-running with the same `run_name` and `storage_path`
+stage's metrics (`masters.run_layout.STAGE_RESULT`) and tells the `StageHandoff`. Re-running with the same `run_name` and `storage_path`
 resumes from the run's latest checkpoint (Ray Train V2 restores it): finished stages are skipped,
 an interrupted stage goes on from its last checkpoint, and a finished stage whose outputs were not
 published yet (the driver died in between) is published from its checkpoint.
@@ -25,7 +26,6 @@ published yet (the driver died in between) is published from its checkpoint.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -34,21 +34,21 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 import torch
 
 from masters.config import MastersConfig, TrainConfig
 from masters.io import atomic_directory, atomic_write_json
+from masters.run_layout import STAGE_RESULT, STAGE_STUDENT, checkpoint_name
 
-STUDENT_SUBDIR = "student"
+# Inside a trainer checkpoint, next to the stage's student (STAGE_STUDENT) at a stage's end.
 TRAIN_STATE_FILE = "train_state.pt"  # ddp / fsdp2: full model + optimizer state, written by rank 0
 DEEPSPEED_SUBDIR = "deepspeed"  # deepspeed: one partition per rank, merged by Ray into one directory
-PROGRESS_FILE = "progress.json"  # in every checkpoint: which stages are done, where the current one is
-STAGE_RESULT_FILE = "train.json"  # in a stage's out_dir, next to student/: the stage's step metrics
+PROGRESS_FILE = "progress.json"  # `TrainerProgress`: which stages are done, where the current one is
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,66 @@ class StageTrainResult:
     @classmethod
     def read(cls, out_dir: str | Path) -> StageTrainResult | None:
         """The published result in `out_dir`, or None while the stage is not finished."""
-        path = Path(out_dir) / STAGE_RESULT_FILE
+        path = Path(out_dir) / STAGE_RESULT
         if not path.is_file():
             return None
         result = json.loads(path.read_text())
-        return cls(result["stage_id"], result["metrics"], Path(out_dir) / STUDENT_SUBDIR, result["steps"], result.get("checkpoint"))
+        return cls(result["stage_id"], result["metrics"], Path(out_dir) / STAGE_STUDENT, result["steps"], result.get("checkpoint"))
+
+
+@dataclass
+class TrainerProgress:
+    """Where the trainer is, saved in every checkpoint: the stages finished, and the stage under way
+    with its updates so far and their metrics."""
+
+    completed: list[str] = field(default_factory=list)
+    stage_id: str | None = None  # the stage under way; None between stages
+    step: int = 0  # updates of `stage_id` done
+    metrics: list[dict[str, float]] = field(default_factory=list)  # one entry per update of the stage
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainerProgress:
+        return cls(**json.loads((directory / PROGRESS_FILE).read_text()))
+
+    def save(self, directory: Path) -> None:
+        (directory / PROGRESS_FILE).write_text(json.dumps(asdict(self)))
+
+    def after(self, stage_id: str, metrics: list[dict[str, float]], finished: bool) -> TrainerProgress:
+        """The progress once the stage's latest update (the last of `metrics`) is done."""
+        if finished:
+            return TrainerProgress(self.completed + [stage_id], None, 0, metrics)
+        return TrainerProgress(self.completed, stage_id, metrics[-1]["step"], metrics)
 
 
 # --------------------------------------------------------------------------- strategies
+
+
+class TrainingStrategy(Protocol):
+    """How the student is wrapped, updated and checkpointed (DDP, FSDP2, DeepSpeed).
+
+    One optimizer step is `train.grad_accum_steps` micro-batches, each `accumulate`d under
+    `sync_context(last)` and `forward_context()`, then `update()`.
+    """
+
+    model: torch.nn.Module  # the wrapped model the loss is computed with
+
+    def forward_context(self): ...
+
+    def sync_context(self, last_micro_batch: bool): ...
+
+    def accumulate(self, loss: torch.Tensor) -> None:
+        """Add one micro-batch's gradients."""
+
+    def update(self) -> float:
+        """End the optimizer step: clip, step, zero the gradients; returns the gradient norm."""
+
+    def save_state(self, directory: Path, rank: int) -> bool:
+        """Write the training state; True when this rank's directory must be reported."""
+
+    def load_state(self, directory: Path) -> None: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded weights on CPU (complete on rank 0; collective, so every rank calls it)."""
 
 
 class _TorchStrategy:
@@ -96,10 +148,10 @@ class _TorchStrategy:
     def forward_context(self):
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def accumulate(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
 
-    def step(self) -> float:
+    def update(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,12 +264,14 @@ class DeepSpeedStrategy:
     def sync_context(self, last_micro_batch: bool):
         return contextlib.nullcontext()  # the engine counts micro-batches itself
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # The engine divides by gradient_accumulation_steps and steps the optimizer on the last micro-batch.
+    def accumulate(self, loss: torch.Tensor) -> None:
+        # DeepSpeed's engine wants `step()` after every micro-batch: it divides by the accumulation
+        # steps, counts the micro-batches and updates (clip, step, zero) on the last one itself.
         self.model.backward(loss)
         self.model.step()
 
-    def step(self) -> float:
+    def update(self) -> float:
+        # The engine has updated in the last `accumulate`; what is left is its gradient norm.
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -239,7 +293,7 @@ class DeepSpeedStrategy:
             return {name: tensor.detach().float().cpu().clone() for name, tensor in module.state_dict().items()}
 
 
-STRATEGIES = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "deepspeed": DeepSpeedStrategy}
+STRATEGIES: dict[str, type[TrainingStrategy]] = {"ddp": DDPStrategy, "fsdp2": FSDP2Strategy, "deepspeed": DeepSpeedStrategy}
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -272,17 +326,17 @@ def _save_student(strategy, student_in: Path, processor, directory: Path, rank: 
     if rank == 0:
         model, _ = load_model(student_in, dtype="float32")
         model.load_state_dict(state, strict=True)
-        save_model(model, processor, directory / STUDENT_SUBDIR)
+        save_model(model, processor, directory / STAGE_STUDENT)
 
 
 def _publish_stage(checkpoint_dir: Path, stage: TrainingStage, metrics: list[dict[str, float]], persisted: Path) -> None:
     """Copy a stage-end checkpoint's student to the stage's out_dir, then its metrics and where Ray persisted
     the checkpoint (the 'done' signal)."""
     out_dir = Path(stage.out_dir)
-    with atomic_directory(out_dir / STUDENT_SUBDIR) as tmp:
-        shutil.copytree(checkpoint_dir / STUDENT_SUBDIR, tmp, dirs_exist_ok=True)
+    with atomic_directory(out_dir / STAGE_STUDENT) as tmp:
+        shutil.copytree(checkpoint_dir / STAGE_STUDENT, tmp, dirs_exist_ok=True)
     atomic_write_json(
-        out_dir / STAGE_RESULT_FILE,
+        out_dir / STAGE_RESULT,
         {"stage_id": stage.stage_id, "steps": stage.steps, "metrics": metrics, "checkpoint": str(persisted)},
     )
 
@@ -302,10 +356,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from masters.batching import ShardPlan, StageTable, collate_records
     from masters.families import VLMFamily
     from masters.models import load_model
-    from masters.student_step import needs_reference, step_metrics, student_loss
+    from masters.student_loss import needs_reference, step_metrics, student_loss
 
     stages = [TrainingStage(**stage) for stage in loop_config["stages"]]
-    records_gate = loop_config["records_gate"]
+    handoff = loop_config["handoff"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
@@ -323,27 +377,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     pixel_dtype = torch.float32 if not train.use_gpu else torch.bfloat16
     strategy = STRATEGIES[train.strategy](student, train, device)
 
-    # Where the run is: stages finished, and the stage under way with its updates so far.
-    progress = {"completed": [], "stage_id": None, "step": 0, "metrics": []}
+    progress = TrainerProgress()
 
-    def restore(directory: Path) -> None:
+    def restore(directory: Path) -> TrainerProgress:
         strategy.load_state(directory)
-        progress.update(json.loads((directory / PROGRESS_FILE).read_text()))
+        return TrainerProgress.load(directory)
+
+    def publish(stage: TrainingStage, checkpoint_dir: Path, metrics: list[dict[str, float]], persisted: Path) -> None:
+        _publish_stage(checkpoint_dir, stage, metrics, persisted)
+        handoff.trained.remote(stage.stage_id)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            restore(Path(directory))
-            last_done = next((s for s in stages if progress["completed"] and s.stage_id == progress["completed"][-1]), None)
-            if rank == 0 and progress["stage_id"] is None and last_done and StageTrainResult.read(last_done.out_dir) is None:
-                _publish_stage(Path(directory), last_done, progress["metrics"], Path(checkpoint.path))
+            progress = restore(Path(directory))
+            last_done = next((s for s in stages if progress.completed and s.stage_id == progress.completed[-1]), None)
+            if rank == 0 and progress.stage_id is None and last_done and StageTrainResult.read(last_done.out_dir) is None:
+                publish(last_done, Path(directory), progress.metrics, Path(checkpoint.path))
     finished = StageTrainResult.read(loop_config["finished_stage_dir"]) if loop_config["finished_stage_dir"] else None
-    if finished is not None and finished.stage_id not in progress["completed"]:
+    if finished is not None and finished.stage_id not in progress.completed:
         # Ray's latest checkpoint predates the stage the driver already took as finished (a kill between
         # the stage's publication and Ray recording its checkpoint), or Ray's run is gone: continue from
         # that stage's own end checkpoint, weights and optimizer state, as the uninterrupted run does.
         if finished.checkpoint is not None and Path(finished.checkpoint).is_dir():
-            restore(Path(finished.checkpoint))
+            progress = restore(Path(finished.checkpoint))
         elif checkpoint is not None:
             raise RuntimeError(
                 f"the trainer's latest checkpoint predates stage {finished.stage_id}, whose own end checkpoint "
@@ -351,34 +408,29 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             )
         # No checkpoint at all (the run's ray_train directory was removed): from the stage's student, fresh AdamW.
 
-    def report(metrics: dict[str, float], stage: TrainingStage, stage_metrics: list, final: bool) -> None:
+    def report(metrics: dict[str, float], stage: TrainingStage, stage_metrics: list, final: bool) -> TrainerProgress:
         directory = Path(tempfile.mkdtemp(prefix=f"masters-ckpt-{rank}-"))
         try:
-            position = {
-                "completed": progress["completed"] + ([stage.stage_id] if final else []),
-                "stage_id": None if final else stage.stage_id,
-                "step": 0 if final else stage_metrics[-1]["step"],
-                "metrics": stage_metrics,
-            }
-            (directory / PROGRESS_FILE).write_text(json.dumps(position))
+            position = progress.after(stage.stage_id, stage_metrics, final)
+            position.save(directory)
             keep = strategy.save_state(directory, rank)
             if final:
                 _save_student(strategy, student_in, processor, directory, rank)
-            name = f"{stage.stage_id.replace('/', '-')}-{'end' if final else 'step_%05d' % position['step']}"
+            name = checkpoint_name(stage.stage_id, None if final else position.step)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if keep else None, checkpoint_dir_name=name)
             # Published only once the checkpoint is persisted, so a published stage is never trained again.
             if final and rank == 0:
-                _publish_stage(directory, stage, stage_metrics, Path(loop_config["checkpoint_root"]) / name)
-            progress.update(position)
+                publish(stage, directory, stage_metrics, Path(loop_config["checkpoint_root"]) / name)
+            return position
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
     for stage in stages:
-        if stage.stage_id in progress["completed"]:
+        if stage.stage_id in progress.completed:
             continue
-        resuming = stage.stage_id == progress["stage_id"]
-        first_step, stage_metrics = (progress["step"], progress["metrics"]) if resuming else (0, [])
-        table = StageTable(ray.get(records_gate.wait.remote(stage.stage_id)))
+        resuming = stage.stage_id == progress.stage_id
+        first_step, stage_metrics = (progress.step, list(progress.metrics)) if resuming else (0, [])
+        table = StageTable(ray.get(handoff.records.remote(stage.stage_id)))
         plan = ShardPlan(len(table), train.questions_per_batch, world_size, train.grad_accum_steps, train.seed)
         for step in range(first_step, stage.steps):
             started = time.perf_counter()
@@ -396,10 +448,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                         output = student_loss(
                             strategy.model, reference, batch, config.loss, config.rewards, vocab_size, diagnose=logged
                         )
-                    strategy.backward(output.loss)
+                    strategy.accumulate(output.loss)
                 for name, value in step_metrics(output, batch).items():
                     sums[name] = sums.get(name, 0.0) + value
-            grad_norm = strategy.step()
+            grad_norm = strategy.update()
             local = {n: v if n == "tokens" else v / len(micro_batches) for n, v in sums.items()}
             local.update(grad_norm=grad_norm, peak_rss_mb=_peak_rss_mb())
             metrics = _mean_over_workers(local, device)
@@ -409,7 +461,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             stage_metrics.append(metrics)
 
             if done or periodic:
-                report(metrics, stage, stage_metrics, final=done)
+                progress = report(metrics, stage, stage_metrics, final=done)
             elif logged:
                 ray.train.report(metrics)
 
@@ -417,41 +469,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the driver side
 
 
-@ray.remote(num_cpus=0)
-class RecordsGate:
-    """Hands the trainer each stage's records directory once the driver has written it.
-
-    The driver generates stages ahead of training; a worker asks for the next stage and waits.
-    A generation failure is passed on, so the workers stop instead of waiting forever.
-    """
-
-    def __init__(self):
-        self._directories: dict[str, str] = {}
-        self._error: str | None = None
-        self._changed = asyncio.Event()
-
-    def ready(self, stage_id: str, directory: str) -> None:
-        """`directory` must be absolute: the workers' working directory is not the caller's."""
-        self._directories[stage_id] = directory
-        self._changed.set()
-
-    def fail(self, message: str) -> None:
-        self._error = message
-        self._changed.set()
-
-    async def wait(self, stage_id: str) -> str:
-        while stage_id not in self._directories:
-            if self._error is not None:
-                raise RuntimeError(f"no records for stage {stage_id!r}: {self._error}")
-            self._changed.clear()
-            await self._changed.wait()
-        return self._directories[stage_id]
-
-
 def train_curriculum(
     config: MastersConfig,
     stages: list[TrainingStage],
-    records_gate: ray.actor.ActorHandle,
+    handoff: ray.actor.ActorHandle,
     student_in: str | Path,
     reference: str | Path,
     run_name: str,
@@ -462,7 +483,7 @@ def train_curriculum(
 
     `student_in` is where training starts (the initial student, or the last finished stage's output
     when the run's checkpoints are gone); `reference` stays the initial student for the whole run.
-    Stage records come through `records_gate`. Re-running with the same `run_name` and
+    Stage records come through `handoff` (a `cluster.curriculum.StageHandoff`), which also hears of each published stage. Re-running with the same `run_name` and
     `storage_path` (default `config.storage_path`) continues from the run's latest checkpoint, or,
     when that predates the stage published in `finished_stage_dir` (the last stage the caller already
     took as finished), from that stage's own end checkpoint.
@@ -484,7 +505,7 @@ def train_curriculum(
             "config": config.model_dump(mode="json"),
             # Absolute: the workers' working directory is not the driver's.
             "stages": [{**asdict(stage), "out_dir": str(Path(stage.out_dir).resolve())} for stage in stages],
-            "records_gate": records_gate,
+            "handoff": handoff,
             "student_in": str(Path(student_in).resolve()),
             "reference": str(Path(reference).resolve()),
             "finished_stage_dir": str(Path(finished_stage_dir).resolve()) if finished_stage_dir else None,

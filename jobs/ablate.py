@@ -18,6 +18,7 @@ Re-running resumes: finished runs are read back, unfinished ones resume from the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -34,9 +35,11 @@ from masters.ablation import (
     run_diagnostics,
     summarize,
 )
-from masters.config import ConfigError, MastersConfig, load_config
+from jobs.cli import add_ray_arguments, add_set_argument, check_paths_for_submitted_job, configure_console, connect_ray
+from masters.config import ConfigError, MastersConfig, dump_config, load_config
 from masters.curriculum import CurriculumState, Stage, plan_curriculum
 from masters.io import atomic_write_json, atomic_write_text
+from masters.run_layout import RunLayout
 
 logger = logging.getLogger("masters.ablate")
 
@@ -52,22 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ladder", type=Path, default=DEFAULT_LADDER, help="ladder YAML (default: configs/ablations/ladder.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the ladder's)")
     parser.add_argument("--rungs", nargs="+", help="run only these rungs (default: all of the ladder's)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one config field of every run, e.g. --set data.train_size=1024 (repeatable)",
-    )
+    add_set_argument(parser, "every run of the ladder")
+    add_ray_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="list the runs and the records they share, start nothing")
-    parser.add_argument("--address", default=None, help="Ray address (default: the cluster under `ray job submit`, else a local one)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from jobs.distill import check_paths_for_submitted_job
 
     # 1. Every run's config and plan, validated before anything starts.
     try:
@@ -92,32 +87,32 @@ def main(argv: list[str] | None = None) -> int:
         print(format_runs(ladder, runs, plans))
         return 0
 
-    from jobs.distill import check_tokenizers, connect_ray, distill, prepare_run_dir, resolve_models
-
-    started = time.perf_counter()
-    model_paths = resolve_models(service_config)
-    check_tokenizers(model_paths)
-
     import ray
+    from transformers import AutoProcessor
 
     from cluster.evaluation import evaluate_models
-    from jobs.distill import cached_json
+    from jobs.distill import distill
+    from masters.models import check_shared_tokenizer
     from masters.tracking import read_metrics
+    from masters.zoo import resolve_model_paths
     from serve.app import start as start_teacher_service
-    from serve.levels import STUDENT
+    from masters.curriculum import STUDENT
 
-    connect_ray(args.address)
     directory.mkdir(parents=True, exist_ok=True)
+    configure_console(directory / "ablate.log", args.verbose)
+    started = time.perf_counter()
+    model_paths = resolve_model_paths(service_config, build_missing=True)
+    check_shared_tokenizer({name: AutoProcessor.from_pretrained(path) for name, path in model_paths.items()})
+    connect_ray(args.address, args.verbose, directory / "ray_logs")
 
     # 2. The reference models, evaluated once for the whole ladder.
     reference_path = directory / "reference_test.json"
-    reports = cached_json(reference_path)
-    if reports is None:
+    if not reference_path.exists():
         logger.info("evaluating the initial student and the teachers on the test split")
         teachers = {t.name: model_paths[t.name] for t in service_config.models.teachers}
         reports = evaluate_models(service_config, {"initial student": model_paths[STUDENT], **teachers}, "test", base.data.test_size)
         atomic_write_json(reference_path, reports)
-    reference = {name: accuracy_row(report) for name, report in reports.items()}
+    reference = {name: ladder_row(report) for name, report in json.loads(reference_path.read_text()).items()}
 
     # 3. The runs, seed by seed; finished runs are read back.
     results: dict[str, dict[int, dict]] = {rung: {} for rung in ladder.rungs}
@@ -129,15 +124,16 @@ def main(argv: list[str] | None = None) -> int:
                 results[rung][seed] = reference["initial student"]
                 continue
             config, plan = runs[(rung, seed)], plans[(rung, seed)]
-            run_dir = prepare_run_dir(config, plan)
-            if not is_finished(run_dir, plan):
+            layout = RunLayout.of(config)
+            layout.create(dump_config(config), [stage.to_dict() for stage in plan])
+            if not is_finished(layout, plan):
                 if not service_started:
                     start_teacher_service(service_config, model_paths)
                     service_started = True
-                logger.info("run %s (%d stages) in %s", config.name, len(plan), run_dir)
-                distill(config, plan, run_dir, model_paths, reference=reference)
-            results[rung][seed] = accuracy_row(cached_json(run_dir / "eval" / "final_test.json")["final student"])
-            diagnostics[rung][seed] = run_diagnostics(read_metrics(run_dir, "train_step"))
+                logger.info("run %s (%d stages) in %s", config.name, len(plan), layout.root)
+                distill(config, plan, layout, model_paths, reference=reference)
+            results[rung][seed] = ladder_row(json.loads(layout.final_test.read_text())["final student"])
+            diagnostics[rung][seed] = run_diagnostics(read_metrics(layout.metrics_file, "train_step"))
             write_summary(directory, ladder, results, diagnostics, reference)
 
     summary = write_summary(directory, ladder, results, diagnostics, reference)
@@ -213,7 +209,7 @@ def format_runs(ladder: LadderConfig, runs: dict[tuple[str, int], MastersConfig]
             if key not in train_ids:
                 train_ids[key] = question_ids(config.data, "train", config.data.train_size)
             for stage in plan:
-                _, records = stage_records(config, stage, train_ids[key], Path(config.storage_path) / config.name)
+                _, records = stage_records(config, stage, train_ids[key], RunLayout.of(config).records_root)
                 users.setdefault(records, []).append(config.name)
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -226,26 +222,25 @@ def format_runs(ladder: LadderConfig, runs: dict[tuple[str, int], MastersConfig]
     return "\n".join(lines)
 
 
-def is_finished(run_dir: Path, plan: list[Stage]) -> bool:
+def is_finished(layout: RunLayout, plan: list[Stage]) -> bool:
     """Whether the run finished every stage and its final evaluation."""
-    state_path = run_dir / "state.json"
     return (
-        (run_dir / "eval" / "final_test.json").exists()
-        and state_path.exists()
-        and CurriculumState.load(state_path).next_stage(plan) is None
+        layout.final_test.exists()
+        and layout.state_file.exists()
+        and CurriculumState.load(layout.state_file).next_stage(plan) is None
     )
 
 
-def accuracy_row(report: dict) -> dict:
+def ladder_row(report: dict) -> dict:
     """A model's test row (overall, per family) plus the share of its most common answer: near 1 is a
     model that answers the same whatever it is asked (the default student once did)."""
     from collections import Counter
 
-    from jobs.distill import as_row
-    from masters.rewards import final_answer, normalize_answer
+    from masters.eval import accuracy_row
+    from masters.judging import final_answer, normalize_answer
 
     answers = Counter(normalize_answer(final_answer(p["response"])) for p in report["predictions"])
-    return {**as_row(report), "top_answer_share": answers.most_common(1)[0][1] / len(report["predictions"])}
+    return {**accuracy_row(report), "top_answer_share": answers.most_common(1)[0][1] / len(report["predictions"])}
 
 
 def write_summary(

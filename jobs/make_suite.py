@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from jobs.cli import add_set_argument
 from masters.config import ConfigError, load_config
 from masters.data import (
     FAMILIES,
@@ -63,14 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=Path("suite"), help="Output directory (default: ./suite).")
     parser.add_argument("--config", type=Path, help="Run config YAML whose `data` section gives sizes, seed, families.")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Config overrides, e.g. data.seed=3.",
-    )
+    add_set_argument(parser, "the --config")
     parser.add_argument(
         "--examples",
         type=Path,
@@ -96,7 +90,7 @@ def write_examples(directory: Path, seed: int, image_size: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        data = load_config(args.config, args.overrides).data
+        data = load_config(args.config, args.set).data
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -18,8 +18,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from masters.config import MaskConfig, ModelsConfig, ratio_label
-from masters.io import atomic_write_json
-from masters.masking import TensorSparsity, export_masked_checkpoints
+from masters.io import aligned_table, atomic_write_json
+from masters.mask_export import export_masked_checkpoints
+from masters.masking import TensorSparsity
 from masters.zoo import resolve_model
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -50,8 +51,7 @@ def format_report(reports: dict[float, list[TensorSparsity]]) -> str:
         numel = sum(entry.numel for entry in reports[ratio])
         totals.append(f"{zeros / max(numel, 1):.4f}")
     rows.append(["all masked tensors", str(sum(e.numel for e in reports[ratios[0]])), *totals])
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+    return aligned_table(rows, right_aligned=range(1, len(header)))
 
 
 def main(argv: list[str] | None = None) -> int:

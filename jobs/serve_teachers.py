@@ -20,6 +20,7 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from jobs.cli import add_set_argument  # noqa: E402
 from masters.config import ConfigError, load_config  # noqa: E402
 
 
@@ -34,14 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="Run config YAML; default: the built-in defaults.")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="Override a config field, e.g. --set serve.port=9000 (repeatable).",
-    )
+    add_set_argument(parser, "the service")
     parser.add_argument(
         "--address",
         default=None,
@@ -70,7 +64,7 @@ def stop_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.set)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -78,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve.app import resolve_model_paths, start
+    from masters.zoo import resolve_model_paths
+    from serve.app import start
     from serve.levels import Catalog
 
     try:

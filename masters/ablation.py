@@ -148,7 +148,7 @@ def summarize(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return summary
 
 
-# What the trainer logs about the full objective (masters.student_step), averaged per run.
+# What the trainer logs about the full objective (masters.student_loss), averaged per run.
 DIAGNOSTICS = ("grad_norm_grpo", "grad_norm_jsd", "grad_cosine_grpo_jsd", "distill_reward_length_corr")
 
 

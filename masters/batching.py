@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from masters.families import VLMFamily, inputs_on
-from masters.losses import MastersBatch
+from masters.losses import LossTargets
 from masters.models import build_prompt
 from masters.records import StageRecord, check_schema, table_to_records
 
@@ -143,14 +143,14 @@ class ResponseBatch:
     ``inputs`` is what the model's forward takes (`input_ids`, `attention_mask`, the model's own
     `position_ids`, and whatever the processor produced for the prompts: `pixel_values`,
     `image_grid_thw`, `token_type_ids`, …; see :mod:`masters.families`). ``targets`` is the
-    :class:`~masters.losses.MastersBatch` of the response columns: its ``target_ids`` [B, T] are the
+    :class:`~masters.losses.LossTargets` of the response columns: its ``target_ids`` [B, T] are the
     response tokens, so the student's logits at columns P - 1 … P + T - 2 (see
-    :func:`masters.student_step.response_logits`) line up with it position for position.
+    :func:`masters.student_loss.response_logits`) line up with it position for position.
     """
 
     inputs: dict[str, torch.Tensor]
     prompt_length: int  # P
-    targets: MastersBatch
+    targets: LossTargets
 
     @property
     def response_length(self) -> int:
@@ -212,7 +212,7 @@ def collate_records(records: list[StageRecord], family: VLMFamily) -> ResponseBa
     return ResponseBatch(
         inputs=inputs,
         prompt_length=max(len(p.token_ids) for p in prompts),
-        targets=MastersBatch(
+        targets=LossTargets(
             target_ids=response_ids,
             response_mask=response_mask,
             teacher_topk_ids=topk_ids,

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from masters.io import aligned_table
+
 
 class ConfigError(ValueError):
     """A config that cannot run. The message names each bad field and how to fix it."""
@@ -129,6 +131,12 @@ class GenerationConfig(_Section):
     seed: int = Field(0, description="Base seed; each request's seed is derived from it and the question id.")
     teacher_topk: int = Field(
         64, ge=1, description="k of the stored teacher top-k log-probs per token (plus one tail bucket)."
+    )
+    questions_per_task: int = Field(
+        16,
+        ge=1,
+        description="Questions a sampling task of the pipeline reads and sends to the service at once (a Ray Data "
+        "block); an execution knob, records do not depend on it.",
     )
     teacher_logprobs_dtype: Literal["float16", "float32"] = Field(
         "float16",
@@ -247,10 +255,14 @@ class ServeConfig(_Section):
     num_cpus: float = Field(0.25, gt=0, description="Logical CPUs per replica (small so every part fits on 2 cores).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM only.")
-    max_batch_size: int = Field(16, ge=1, description="Requests batched into one generate call.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_batch_size: int = Field(16, ge=1, description="Requests in one engine batch (in-cluster calls carry at most one).")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    # Serve's options: one batch running and the next filling; then the autoscaling target.
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica holds at once.")
+    target_ongoing_requests: int = Field(16, ge=1, description="Autoscaling target per replica.")
     max_queued_requests: int = Field(64, ge=1, description="Beyond this the service answers 503 instead of queueing.")
-    max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
+    max_n: int = Field(16, ge=1, description="Largest `n` (samples) a chat request may ask for.")
+    max_score_items: int = Field(16, ge=1, description="Most responses a request may score (/v1/score items, score_token_ids).")
     max_tokens_limit: int = Field(256, ge=1, description="Largest `max_tokens` a request may ask for.")
     max_image_bytes: int = Field(4_000_000, ge=1)
     max_image_pixels: int = Field(4_000_000, ge=1, description="Decompression-bomb guard.")
@@ -261,6 +273,11 @@ class ServeConfig(_Section):
 
     @model_validator(mode="after")
     def _autoscaling_pair(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"serve.max_ongoing_requests ({self.max_ongoing_requests}) must be at least serve.max_batch_size "
+                f"({self.max_batch_size}), or a replica's batches never fill"
+            )
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("serve.min_replicas and serve.max_replicas must be set together to autoscale")
         if self.min_replicas is not None and self.max_replicas < self.min_replicas:
@@ -273,7 +290,6 @@ class DataConfig(_Section):
     train_size: int = Field(512, ge=1, description="Questions drawn from the train split.")
     val_size: int = Field(128, ge=1)
     test_size: int = Field(256, ge=1)
-    heldout_size: int = Field(128, ge=1, description="Questions of the held-out split (attribute combinations never trained on).")
     seed: int = Field(0, description="Seed of the generated suite and of the stage shuffle.")
     families: list[str] | None = Field(None, description="Restrict to these task families; None = all.")
 
@@ -460,3 +476,27 @@ def ratio_label(mask_ratio: float) -> str:
 def isclose_ratio(a: float, b: float) -> bool:
     """Mask ratios arrive as floats from URLs and YAML; compare them at the precision ids use."""
     return math.isclose(a, b, abs_tol=1e-6)
+
+
+def format_resources(config: MastersConfig) -> str:
+    """What each part of a run asks Ray for (the autoscaler provides nodes to match), as a table."""
+    serve, train, rewards = config.serve, config.train, config.rewards
+    models = len(config.models.teachers) + 1
+    replicas = serve.max_replicas if serve.max_replicas is not None else serve.replicas
+    rows = [
+        ("part", "count", "per unit", "custom resources"),
+        (
+            f"teacher service ({serve.engine})",
+            f"{models} models x {replicas} replicas",
+            f"{serve.num_cpus} CPU, {serve.num_gpus} GPU, TP {serve.tensor_parallel_size}",
+            str(serve.resources or "-"),
+        ),
+        ("reward actors", str(rewards.actors), f"{rewards.actor_num_cpus} CPU", str(rewards.actor_resources or "-")),
+        (
+            f"trainer ({train.strategy}{'-zero' + str(train.zero_stage) if train.strategy == 'deepspeed' else ''})",
+            f"{train.num_workers} workers",
+            f"{train.cpus_per_worker} CPU, {1 if train.use_gpu else 0} GPU",
+            str(train.resources_per_worker or "-"),
+        ),
+    ]
+    return aligned_table(rows)

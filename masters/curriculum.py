@@ -11,7 +11,6 @@ masked at stage k's ratio r_max − k·s (the last stage is the full teacher). A
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -19,9 +18,16 @@ from pathlib import Path
 
 from masters.config import MastersConfig, ratio_label
 from masters.data.export import ROWS_PER_ROW_GROUP
-from masters.io import atomic_write_json
+from masters.io import aligned_table, atomic_write_json, json_digest
 
 STATE_VERSION = 1
+# The served name of the student being distilled (a teacher level's is `model_id`).
+STUDENT = "student"
+
+
+def model_id(teacher: str, mask_ratio: float) -> str:
+    """The model id a teacher's mask level is served under, e.g. `teacher-l@0.15` (`serve.levels` resolves it)."""
+    return f"{teacher}@{ratio_label(mask_ratio)}"
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class Stage:
     @property
     def model_id(self) -> str:
         """The served model id of this stage's teacher level, e.g. `teacher-l@0.1`."""
-        return f"{self.teacher}@{ratio_label(self.mask_ratio)}"
+        return model_id(self.teacher, self.mask_ratio)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "question_indices": list(self.question_indices)}
@@ -144,8 +150,7 @@ def plan_curriculum(config: MastersConfig, num_questions: int) -> list[Stage]:
 
 def plan_digest(plan: list[Stage]) -> str:
     """Fingerprint of a plan: a saved state only resumes the plan it was made for."""
-    payload = json.dumps([stage.to_dict() for stage in plan], sort_keys=True).encode()
-    return hashlib.sha256(payload).hexdigest()[:16]
+    return json_digest([stage.to_dict() for stage in plan])
 
 
 def format_plan(plan: list[Stage]) -> str:
@@ -163,22 +168,19 @@ def format_plan(plan: list[Stage]) -> str:
         )
         for stage in plan
     ]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     total = sum(stage.optimizer_steps for stage in plan)
-    return "\n".join([*lines, f"{len(plan)} stages, {total} optimizer steps"])
+    return f"{aligned_table(rows)}\n{len(plan)} stages, {total} optimizer steps"
 
 
 @dataclass
 class CurriculumState:
-    """Where a run is: the stages finished (in plan order) and the optimizer updates they took.
+    """Where a run is: the stages finished, in plan order.
 
     A finished stage is never redone; an unfinished one is redone from its start.
     """
 
     plan_digest: str
     completed: list[str] = field(default_factory=list)  # stage ids
-    global_step: int = 0  # optimizer updates of the completed stages
 
     @classmethod
     def fresh(cls, plan: list[Stage]) -> CurriculumState:
@@ -198,7 +200,6 @@ class CurriculumState:
                 f"(next: {None if expected is None else expected.stage_id!r})"
             )
         self.completed.append(stage.stage_id)
-        self.global_step += stage.optimizer_steps
 
     def _check(self, plan: list[Stage]) -> None:
         if self.plan_digest != plan_digest(plan):
@@ -216,12 +217,13 @@ class CurriculumState:
     def from_dict(cls, data: dict) -> CurriculumState:
         if data.get("version") != STATE_VERSION:
             raise ValueError(f"curriculum state version {data.get('version')!r} is not {STATE_VERSION}")
-        missing = {"plan_digest", "completed", "global_step"} - data.keys()
+        # Other keys are ignored: states saved by earlier versions also carry `global_step`, and still resume.
+        missing = {"plan_digest", "completed"} - data.keys()
         if missing:
             raise ValueError(f"curriculum state lacks fields {sorted(missing)}")
-        if not isinstance(data["completed"], list) or not isinstance(data["global_step"], int):
-            raise ValueError("curriculum state: `completed` must be a list of stage ids and `global_step` an integer")
-        return cls(plan_digest=data["plan_digest"], completed=list(data["completed"]), global_step=data["global_step"])
+        if not isinstance(data["completed"], list):
+            raise ValueError("curriculum state: `completed` must be a list of stage ids")
+        return cls(plan_digest=data["plan_digest"], completed=list(data["completed"]))
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())

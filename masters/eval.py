@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from masters.families import VLMFamily
 from masters.models import generate_answers
-from masters.rewards import rule_accuracy
+from masters.judging import rule_accuracy
 
 
 @dataclass
@@ -122,3 +122,24 @@ def format_comparison(reports: Sequence[EvalReport]) -> str:
         lines.append(f"{family:<{width}}  " + "  ".join(cells))
     lines.append(f"{'overall':<{width}}  " + "  ".join(f"{f'{100 * r.accuracy:.1f}%':>{c}}" for r, c in zip(reports, columns)))
     return "\n".join(lines)
+
+
+def accuracy_row(report: dict) -> dict:
+    """A saved report (`EvalReport.to_json`) as a row of the accuracy table: overall and per family."""
+    return {
+        "overall": report["accuracy"],
+        "per_family": {family: score["accuracy"] for family, score in report["per_family"].items()},
+    }
+
+
+def format_accuracy_table(rows: dict[str, dict]) -> str:
+    """Models (`accuracy_row`s by name) down, overall then each family across, in percent."""
+    families = sorted({family for row in rows.values() for family in row["per_family"]})
+    name_width = max(len(name) for name in rows)
+    header = "model".ljust(name_width) + "  overall  " + "  ".join(f[:12].rjust(12) for f in families)
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        cells = "  ".join(f"{100 * row['per_family'].get(f, float('nan')):12.1f}" for f in families)
+        lines.append(f"{name.ljust(name_width)}  {100 * row['overall']:6.1f}%  {cells}")
+    return "\n".join(lines)
+

@@ -1,13 +1,19 @@
-"""Atomic writes: a reader sees either the old artifact or the complete new one, never half of it."""
+"""What crosses the process's boundary, one way each: files written atomically (a reader sees either the
+old artifact or the complete new one, never half of it), the digest that names an artifact by what
+produced it, text tables for the console, and API keys read from the environment variable a setting names.
+
+Standard library only: the pipeline's Ray workers import it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 
@@ -58,3 +64,34 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def json_digest(payload: object) -> str:
+    """16 hex digits of the SHA-256 of `payload` as JSON with sorted keys: what names a cache entry or
+    a saved state by what produced it, so any change to the payload gives a new name."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def aligned_table(rows: Sequence[Sequence[str]], right_aligned: Collection[int] = ()) -> str:
+    """`rows` of cells as columns two spaces apart, left-aligned but for the `right_aligned` column
+    indices (numbers), without trailing spaces."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) if c in right_aligned else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    )
+
+
+def api_key_from_env(variable: str | None, setting: str) -> str | None:
+    """The API key in the environment variable `variable`, named by the setting `setting` (e.g.
+    `rewards.judge.api_key_env`); None when `variable` is None (no key). An unset or empty variable is
+    an error, raised before any request."""
+    if variable is None:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise ValueError(
+            f"{setting} names {variable!r}, which is not set in the environment; "
+            f"export it (on every node) or unset {setting}"
+        )
+    return key

@@ -1,6 +1,6 @@
-"""The Masters training loss (method.md §4): token-level JSD to the stored teacher top-k, plus GRPO.
+"""The Masters training loss (docs/method.md §4): token-level JSD to the stored teacher top-k, plus GRPO.
 
-Batch layout (:class:`MastersBatch`) for B responses, T positions and k teacher ids per position.
+Targets layout (:class:`LossTargets`) for B responses, T positions and k teacher ids per position.
 Groups are flat: each response names its group, so groups may be ragged.
 
 ==========================  ============  =====================================================
@@ -51,8 +51,9 @@ _MAX_KL_LOG_RATIO = 20.0
 
 
 @dataclass
-class MastersBatch:
-    """One training batch; see the module docstring for the layout."""
+class LossTargets:
+    """What the loss compares the student with, per response token: the targets, the teacher's top-k, the
+    groups and rewards (the module docstring gives the layout)."""
 
     target_ids: torch.Tensor
     response_mask: torch.Tensor
@@ -61,8 +62,8 @@ class MastersBatch:
     group_index: torch.Tensor | None = None
     accuracy_reward: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> MastersBatch:
-        return MastersBatch(
+    def to(self, device: torch.device | str) -> LossTargets:
+        return LossTargets(
             **{f.name: None if (v := getattr(self, f.name)) is None else v.to(device) for f in dataclasses.fields(self)}
         )
 
@@ -81,7 +82,7 @@ class MastersLossOutput:
     reward: torch.Tensor | None = None  # [B] R
     advantages: torch.Tensor | None = None  # [B] A_j
     # The weighted terms whose sum is `loss`, still differentiable (full only): what
-    # `masters.student_step.term_gradients` compares.
+    # `masters.student_loss.term_gradients` compares.
     terms: dict[str, torch.Tensor] | None = None
     term_gradients: dict[str, float] | None = None  # set by student_loss(diagnose=True)
 
@@ -214,7 +215,7 @@ def _group_slots(group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return group, slot, counts.numel(), int(counts.max())
 
 
-def _check_shapes(rows: tuple[int, ...], batch: MastersBatch, ref_logprobs: torch.Tensor | None, source: str) -> None:
+def _check_shapes(rows: tuple[int, ...], batch: LossTargets, ref_logprobs: torch.Tensor | None, source: str) -> None:
     """`rows` = [B, T], the first two dims of `source` (the student's logits or hidden states)."""
     expected = {
         "target_ids": (batch.target_ids, rows),
@@ -240,7 +241,7 @@ def _check_shapes(rows: tuple[int, ...], batch: MastersBatch, ref_logprobs: torc
         )
 
 
-def _check_objective_inputs(batch: MastersBatch, config: LossConfig, ref_logprobs: torch.Tensor | None) -> None:
+def _check_objective_inputs(batch: LossTargets, config: LossConfig, ref_logprobs: torch.Tensor | None) -> None:
     if config.objective != "full":
         return
     for name in ("group_index", "accuracy_reward"):
@@ -255,7 +256,7 @@ def _check_objective_inputs(batch: MastersBatch, config: LossConfig, ref_logprob
 
 def masters_loss(
     student_logits: torch.Tensor,
-    batch: MastersBatch,
+    batch: LossTargets,
     config: LossConfig,
     reward_config: RewardConfig,
     ref_logprobs: torch.Tensor | None = None,
@@ -291,7 +292,7 @@ def masters_loss(
 def _loss_from_token_terms(
     token_jsd: torch.Tensor,
     logprobs: torch.Tensor | None,
-    batch: MastersBatch,
+    batch: LossTargets,
     config: LossConfig,
     reward_config: RewardConfig,
     ref_logprobs: torch.Tensor | None,
@@ -439,7 +440,7 @@ def chunked_token_logprobs(
 def chunked_masters_loss(
     hidden_states: torch.Tensor,
     head: Head,
-    batch: MastersBatch,
+    batch: LossTargets,
     config: LossConfig,
     reward_config: RewardConfig,
     ref_logprobs: torch.Tensor | None = None,

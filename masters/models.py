@@ -15,6 +15,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from masters.families import VLMFamily, batch_inputs, chat_template_of, inputs_on
+from masters.io import atomic_directory, json_digest
+
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -46,8 +48,6 @@ def load_model(
 
 def save_model(model: torch.nn.Module, processor, out_dir: str | Path, metadata: dict | None = None) -> Path:
     """`save_pretrained` of model and processor into `out_dir`, written to a temp dir and renamed into place."""
-    from masters.io import atomic_directory
-
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -58,10 +58,7 @@ def save_model(model: torch.nn.Module, processor, out_dir: str | Path, metadata:
 
 def vocab_fingerprint(processor) -> str:
     """A digest of the tokenizer's vocabulary: teachers and student must share it token for token."""
-    import hashlib
-
-    vocab = processor.tokenizer.get_vocab()
-    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return json_digest(sorted(processor.tokenizer.get_vocab().items()))
 
 
 def check_shared_tokenizer(processors_by_name: dict[str, object]) -> None:

@@ -1,4 +1,4 @@
-"""The stage record: one row per question with its group of scored responses (design.md, contracts).
+"""The stage record: one row per question with its group of scored responses (docs/design.md, contracts).
 
 Written by the generation/reward pipeline as Parquet, read by the trainer. The teacher's top-k
 log-probs are stored per response token so the trainer never needs the teacher's weights.

@@ -137,18 +137,9 @@ class ModelSize(BaseModel):
 
 
 # The size the tests use: built and run in well under a second.
-MICRO = ModelSize(
-    text_hidden_size=64,
-    text_layers=2,
-    text_heads=4,
-    text_intermediate_size=128,
-    vision_hidden_size=32,
-    vision_layers=2,
-    vision_heads=2,
-    vision_intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
+MICRO = ModelSize(text_hidden_size=64, text_layers=2, text_heads=4, text_intermediate_size=128,
+                  vision_hidden_size=32, vision_layers=2, vision_heads=2, vision_intermediate_size=64,
+                  image_size=32, patch_size=8)  # fmt: skip
 
 
 Architecture = Literal["llava", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "idefics3"]
@@ -283,24 +274,13 @@ class _TokenizerSpec:
     extra: tuple[str, ...] | None = None
 
 
-_QWEN_SPECIALS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 # As released: no BOS, `<|im_end|>` is EOS, `<|endoftext|>` pads, and padding is on the right.
 _QWEN = _TokenizerSpec(
-    specials=_QWEN_SPECIALS,
-    eos="<|im_end|>",
-    pad="<|endoftext|>",
-    end_of_turn="<|im_end|>",
-    chat_template=QWEN_CHAT_TEMPLATE,
-    padding_side="right",
-)
+    specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+              "<|video_pad|>"),
+    eos="<|im_end|>", pad="<|endoftext|>", end_of_turn="<|im_end|>",
+    chat_template=QWEN_CHAT_TEMPLATE, padding_side="right",
+)  # fmt: skip
 _INTERNVL_NAMED = {
     "start_image_token": "<img>",
     "end_image_token": "</img>",
@@ -314,66 +294,37 @@ TOKENIZER_SPECS: dict[str, _TokenizerSpec] = {
     # Each turn is `<|role|>\n…</s>\n`; `</s>` ends the answer and is EOS.
     "llava": _TokenizerSpec(
         specials=(LLAVA_PAD_TOKEN, LLAVA_BOS_TOKEN, LLAVA_EOS_TOKEN, LLAVA_IMAGE_TOKEN, *LLAVA_ROLE_TOKENS),
-        bos=LLAVA_BOS_TOKEN,
-        eos=LLAVA_EOS_TOKEN,
-        pad=LLAVA_PAD_TOKEN,
-        end_of_turn=LLAVA_EOS_TOKEN,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-        padding_side="left",
+        bos=LLAVA_BOS_TOKEN, eos=LLAVA_EOS_TOKEN, pad=LLAVA_PAD_TOKEN, end_of_turn=LLAVA_EOS_TOKEN,
+        chat_template=LLAVA_CHAT_TEMPLATE, padding_side="left",
     ),
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": _QWEN,
     "internvl": _TokenizerSpec(
         specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", *_INTERNVL_NAMED.values()),
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        end_of_turn="<|im_end|>",
-        chat_template=INTERNVL_CHAT_TEMPLATE,
-        padding_side="left",
+        eos="<|im_end|>", pad="<|endoftext|>", end_of_turn="<|im_end|>",
+        chat_template=INTERNVL_CHAT_TEMPLATE, padding_side="left",
         named=_INTERNVL_NAMED,
     ),
     "gemma3": _TokenizerSpec(
         # pad, eos, bos first: ids 0, 1, 2 as in the released vocabulary.
-        specials=(
-            "<pad>",
-            "<eos>",
-            "<bos>",
-            "<start_of_turn>",
-            "<end_of_turn>",
-            "<start_of_image>",
-            "<end_of_image>",
-            "<image_soft_token>",
-        ),
-        bos="<bos>",
-        eos="<eos>",
-        pad="<pad>",
-        end_of_turn="<end_of_turn>",
-        chat_template=GEMMA3_CHAT_TEMPLATE,
-        padding_side="left",
+        specials=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                  "<image_soft_token>"),
+        bos="<bos>", eos="<eos>", pad="<pad>", end_of_turn="<end_of_turn>",
+        chat_template=GEMMA3_CHAT_TEMPLATE, padding_side="left",
         named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
     ),
     "idefics3": _TokenizerSpec(
         # SmolVLM's choice: `<|im_start|>` is BOS, `<end_of_utterance>` both ends a turn and is EOS.
-        specials=(
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            *_IDEFICS3_IMAGE_TOKENS,
-            "<global-img>",
-            *_IDEFICS3_GRID_TOKENS,
-        ),
-        bos="<|im_start|>",
-        eos="<end_of_utterance>",
-        pad="<|im_end|>",
-        end_of_turn="<end_of_utterance>",
-        chat_template=IDEFICS3_CHAT_TEMPLATE,
-        padding_side="left",
+        specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", *_IDEFICS3_IMAGE_TOKENS, "<global-img>",
+                  *_IDEFICS3_GRID_TOKENS),
+        bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>", end_of_turn="<end_of_utterance>",
+        chat_template=IDEFICS3_CHAT_TEMPLATE, padding_side="left",
         # Idefics3Processor.__init__ REPLACES the tokenizer's extra_special_tokens with exactly these three
         # (on every load, too); listing the same three keeps a save/load round trip unchanged. The grid and
         # global-image tokens stay special tokens of the vocabulary all the same.
         extra=_IDEFICS3_IMAGE_TOKENS,
     ),
-}
+}  # fmt: skip
 
 
 def _train_bpe(texts: Iterable[str], vocab_size: int, specials: Iterable[str]) -> Tokenizer:

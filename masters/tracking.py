@@ -1,4 +1,4 @@
-"""Run metrics: every record goes to `metrics.jsonl` in the run directory and, when enabled, to wandb."""
+"""Run metrics: every record goes to the run's `metrics.jsonl` (`RunLayout.metrics_file`) and, when enabled, to wandb."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ class MetricsLogger:
     The JSONL file is the source of truth (reports and resume read it); wandb is for watching.
     """
 
-    def __init__(self, run_dir: Path, run_name: str, logging_config: LoggingConfig, config_dict: dict):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, path: Path, run_name: str, logging_config: LoggingConfig, config_dict: dict):
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wandb_run = None
         if logging_config.wandb_project is not None:
-            self._wandb_run = self._start_wandb(run_dir, run_name, logging_config, config_dict)
+            self._wandb_run = self._start_wandb(self.path.parent, run_name, logging_config, config_dict)
 
     @staticmethod
     def _start_wandb(run_dir: Path, run_name: str, logging_config: LoggingConfig, config_dict: dict):
@@ -65,8 +65,9 @@ class MetricsLogger:
             self._wandb_run = None
 
 
-def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(path: Path, kind: str | None = None) -> list[dict]:
+    """The records of `path` (a metrics.jsonl), those of `kind` only when given."""
+    path = Path(path)
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -8,7 +8,6 @@ The rest of the system names models `zoo:<role>` (see `resolve_model`) or by any
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from masters.config import ConfigError, format_validation_error, read_yaml_mappi
 from masters.data import CAPTION_QUESTION, SUITE_VERSION, describe, make_split, text_corpus
 from masters.eval import evaluate
 from masters.families import VLMFamily, model_parts
-from masters.io import atomic_directory, atomic_write_json
+from masters.io import atomic_directory, atomic_write_json, json_digest
 from masters.models import parameter_count, save_model
 from masters.sft import encode_examples, train_sft
 from masters.tiny_vlms import Architecture, ModelSize, build_model, build_processor, train_tokenizer
@@ -60,56 +59,20 @@ def _default_roles() -> dict[str, RoleConfig]:
     # 20-minute build: teacher-m stops gaining after ~300 steps, teacher-l still gains at 900. 48-pixel images in 8-pixel patches (36 image
     # tokens) read the scenes about as well as 64-pixel ones (64 tokens) at 60% of the cost.
     vision = dict(vision_layers=2, image_size=48, patch_size=8)
-    return {
-        "teacher-l": RoleConfig(
-            size=ModelSize(
-                text_hidden_size=256,
-                text_layers=4,
-                text_heads=4,
-                text_intermediate_size=704,
-                vision_hidden_size=128,
-                vision_heads=4,
-                vision_intermediate_size=256,
-                **vision,
-            ),
-            steps=900,
-            batch_size=32,
-            lr=1e-3,
-            warmup_steps=30,
-        ),
-        "teacher-m": RoleConfig(
-            size=ModelSize(
-                text_hidden_size=128,
-                text_layers=3,
-                text_heads=4,
-                text_intermediate_size=352,
-                vision_hidden_size=96,
-                vision_heads=4,
-                vision_intermediate_size=192,
-                **vision,
-            ),
-            steps=300,
-            batch_size=32,
-            lr=2e-3,
-            warmup_steps=30,
-        ),
-        "student": RoleConfig(
-            size=ModelSize(
-                text_hidden_size=96,
-                text_layers=2,
-                text_heads=4,
-                text_intermediate_size=256,
-                vision_hidden_size=64,
-                vision_heads=2,
-                vision_intermediate_size=128,
-                **vision,
-            ),
-            steps=120,
-            batch_size=32,
-            lr=2e-3,
-            warmup_steps=15,
-        ),
+    sizes = {
+        "teacher-l": ModelSize(text_hidden_size=256, text_layers=4, text_heads=4, text_intermediate_size=704,
+                               vision_hidden_size=128, vision_heads=4, vision_intermediate_size=256, **vision),
+        "teacher-m": ModelSize(text_hidden_size=128, text_layers=3, text_heads=4, text_intermediate_size=352,
+                               vision_hidden_size=96, vision_heads=4, vision_intermediate_size=192, **vision),
+        "student": ModelSize(text_hidden_size=96, text_layers=2, text_heads=4, text_intermediate_size=256,
+                             vision_hidden_size=64, vision_heads=2, vision_intermediate_size=128, **vision),
+    }  # fmt: skip
+    recipes = {
+        "teacher-l": dict(steps=900, lr=1e-3, warmup_steps=30),
+        "teacher-m": dict(steps=300, lr=2e-3, warmup_steps=30),
+        "student": dict(steps=120, lr=2e-3, warmup_steps=15),
     }
+    return {role: RoleConfig(size=sizes[role], batch_size=32, **recipes[role]) for role in ROLES}
 
 
 class ZooConfig(BaseModel):
@@ -165,8 +128,7 @@ def load_zoo_config(path: str | Path | None = None) -> ZooConfig:
 
 def zoo_key(config: ZooConfig) -> str:
     """Hash of the config and the suite version: a change to either gives a new build directory."""
-    payload = json.dumps({"suite_version": SUITE_VERSION, "zoo": config.model_dump(mode="json")}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return json_digest({"suite_version": SUITE_VERSION, "zoo": config.model_dump(mode="json")})
 
 
 def zoo_build_dir(config: ZooConfig, zoo_dir: str | Path) -> Path:
@@ -299,3 +261,16 @@ def build_zoo(
         atomic_write_json(tmp / MANIFEST, manifest)
     log(f"zoo built in {manifest['seconds']:.0f} s, {manifest['disk_bytes'] / 2**20:.1f} MiB on disk")
     return manifest
+
+
+def resolve_model_paths(config, build_missing: bool = False) -> dict[str, Path]:
+    """The directory of every teacher and of the student (`STUDENT`) of `config` (a `MastersConfig`);
+    `zoo:` refs resolve inside `models.zoo_dir`, built first when `build_missing` and it is not there."""
+    from masters.curriculum import STUDENT
+
+    refs = {t.name: t.model for t in config.models.teachers} | {STUDENT: config.models.student}
+    zoo_config = load_zoo_config(config.models.zoo_config)
+    if build_missing and any(ref.startswith(ZOO_PREFIX) for ref in refs.values()):
+        ensure_zoo(zoo_config, config.models.zoo_dir)
+    return {name: resolve_model(ref, config.models.zoo_dir, zoo_config) for name, ref in refs.items()}
+

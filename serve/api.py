@@ -97,7 +97,7 @@ class ChatCompletionRequest(_Request):
     seed: int | None = Field(None, description="Same seed and request: same samples, whatever shares the batch.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    score_top_k: int | None = Field(
+    score_top_logprobs: int | None = Field(
         None,
         ge=1,
         description="Masters extension: per generated token, the model's top-k log-probs of its unprocessed "
@@ -107,7 +107,7 @@ class ChatCompletionRequest(_Request):
     score_token_ids: list[list[int]] | None = Field(
         None,
         min_length=1,
-        description="Masters extension, with `score_top_k`: other responses to the same messages (token ids, as "
+        description="Masters extension, with `score_top_logprobs`: other responses to the same messages (token ids, as "
         "generated) to score like `/v1/score` does, in the response's `scored`; the prompt is encoded once for both.",
     )
     stream: bool = Field(False, description="Server-sent `chat.completion.chunk` events, once the completion is generated.")
@@ -119,10 +119,10 @@ class ChatCompletionRequest(_Request):
             raise ValueError("stream_options: only allowed with stream=true")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
-        if self.score_token_ids is not None and self.score_top_k is None:
-            raise ValueError("score_token_ids: needs score_top_k (how many log-probs per token)")
-        if self.stream and (self.score_top_k is not None or self.score_token_ids is not None):
-            raise ValueError("score_top_k, score_token_ids: not available with stream=true")
+        if self.score_token_ids is not None and self.score_top_logprobs is None:
+            raise ValueError("score_token_ids: needs score_top_logprobs (how many log-probs per token)")
+        if self.stream and (self.score_top_logprobs is not None or self.score_token_ids is not None):
+            raise ValueError("score_top_logprobs, score_token_ids: not available with stream=true")
         return self
 
     @property
@@ -167,7 +167,7 @@ class Choice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
     token_ids: list[int] = Field(description="Generated token ids, the final EOS included when finish_reason is stop.")
     scores: ScoreData | None = Field(
-        None, description="With `score_top_k`: what `/v1/score` returns for these token_ids, recorded while sampling."
+        None, description="With `score_top_logprobs`: what `/v1/score` returns for these token_ids, recorded while sampling."
     )
 
 
@@ -303,7 +303,9 @@ class ScoreItem(_Request):
 class ScoreRequest(_Request):
     model: str
     items: list[ScoreItem] = Field(min_length=1)
-    top_k: int | None = Field(None, ge=1, description="Default generation.teacher_topk; capped at the vocabulary size.")
+    top_logprobs: int | None = Field(
+        None, ge=1, description="Log-probs per token (OpenAI's name); default generation.teacher_topk, capped at the vocabulary."
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -371,7 +373,7 @@ class TokenScores:
 class Samples:
     """One chat request's result for in-cluster callers (`generate_many`, `ModelClient.chat_many`): the
     choices' texts and token ids, and the scores as arrays (`TokenScores`) rather than JSON lists:
-    `scores` per choice with `score_top_k` (else None), `scored` for `score_token_ids`, in order."""
+    `scores` per choice with `score_top_logprobs` (else None), `scored` for `score_token_ids`, in order."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -392,7 +394,7 @@ class Samples:
 class ScoreResponse(BaseModel):
     object: Literal["score"] = "score"
     model: str
-    top_k: int
+    top_logprobs: int
     data: list[ScoreData]
     usage: Usage
 

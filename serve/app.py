@@ -17,7 +17,6 @@ import functools
 import hmac
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -34,6 +33,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from masters.config import MastersConfig
+from masters.curriculum import STUDENT
+from masters.io import api_key_from_env
 
 from serve.api import (
     AssistantMessage,
@@ -58,7 +59,7 @@ from serve.api import (
     text_offsets,
 )
 from serve.engine import Completion, EncodedPrompt, Engine, Sampling, chat_prompt
-from serve.levels import APP_NAME, STUDENT, Catalog, ServedModel
+from serve.levels import APP_NAME, Catalog, ServedModel
 
 logger = logging.getLogger("ray.serve")
 
@@ -152,8 +153,8 @@ class ModelServer:
         if request.seed is not None:
             fields["seed"] = request.seed
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        score_top_k = min(request.score_top_k, self.engine.max_top_k) if request.score_top_k else None
-        return Sampling(n=request.n, max_tokens=max_tokens, top_logprobs=top_logprobs, score_top_k=score_top_k, **fields)
+        score_top_logprobs = min(request.score_top_logprobs, self.engine.max_top_k) if request.score_top_logprobs else None
+        return Sampling(n=request.n, max_tokens=max_tokens, top_logprobs=top_logprobs, score_top_logprobs=score_top_logprobs, **fields)
 
     def _encode(self, messages, extra_tokens: int, param: str) -> EncodedPrompt:
         prompt = self.engine.encode_chat(chat_prompt(messages, self.config.serve))
@@ -172,16 +173,18 @@ class ModelServer:
         mask_ratio = self._resolve(request.model)
         sampling = self._sampling(request)
         to_score = [self._checked_ids(ids, "score_token_ids") for ids in request.score_token_ids or []]
-        if len(to_score) > self.config.serve.max_n:
+        if len(to_score) > self.config.serve.max_score_items:
             raise ServeError(
-                400, f"{len(to_score)} score_token_ids; at most serve.max_n={self.config.serve.max_n}", "score_token_ids"
+                400,
+                f"{len(to_score)} score_token_ids; at most serve.max_score_items={self.config.serve.max_score_items}",
+                "score_token_ids",
             )
         longest = max([sampling.max_tokens] + [len(ids) for ids in to_score])
         prompt = self._encode(request.messages, longest, "max_tokens" if longest == sampling.max_tokens else "score_token_ids")
         # One encoded prompt (image decoded, processor run once) for the samples and the scored responses.
         completions, scored = await asyncio.gather(
             self._generate_batch((mask_ratio, prompt, sampling)),
-            asyncio.gather(*(self._score_batch((mask_ratio, prompt, ids, sampling.score_top_k)) for ids in to_score)),
+            asyncio.gather(*(self._score_batch((mask_ratio, prompt, ids, sampling.score_top_logprobs)) for ids in to_score)),
         )
         return prompt, completions, list(scored)
 
@@ -253,7 +256,7 @@ class ModelServer:
 
         return list(await asyncio.gather(*(one(request) for request in requests)))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch  # sized from serve.max_batch_size and batch_wait_timeout_s in __init__
     async def _generate_batch(self, items: list[tuple[float, EncodedPrompt, Sampling]]) -> list[list[Completion]]:
         return await self._run_at_levels(items, self.engine.generate)
 
@@ -276,11 +279,11 @@ class ModelServer:
         return token_ids
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
-        top_k, prompt_tokens, scores = await self._score_items(request)
+        top_logprobs, prompt_tokens, scores = await self._score_items(request)
         scored = sum(len(s.token_ids) for s in scores)
         usage = Usage(prompt_tokens=prompt_tokens + scored, completion_tokens=0, total_tokens=prompt_tokens + scored)
         data = [s.to_data(index) for index, s in enumerate(scores)]
-        return ScoreResponse(model=request.model, top_k=top_k, data=data, usage=usage)
+        return ScoreResponse(model=request.model, top_logprobs=top_logprobs, data=data, usage=usage)
 
     async def score_many(self, requests: list[ScoreRequest]) -> list[list[TokenScores]]:
         """Several score requests for this call's model in one handle call (see `generate_many`); per
@@ -288,15 +291,15 @@ class ModelServer:
         return [scores for _, _, scores in await asyncio.gather(*(self._score_items(r) for r in requests))]
 
     async def _score_items(self, request: ScoreRequest) -> tuple[int, int, list[TokenScores]]:
-        """(top_k, prompt tokens, scores in item order) for one request."""
+        """(top_logprobs, prompt tokens, scores in item order) for one request."""
         mask_ratio = self._resolve(request.model)
-        if len(request.items) > self.config.serve.max_n:
+        if len(request.items) > self.config.serve.max_score_items:
             raise ServeError(
                 400,
-                f"{len(request.items)} items; score at most serve.max_n={self.config.serve.max_n} items per request",
+                f"{len(request.items)} items; score at most serve.max_score_items={self.config.serve.max_score_items} per request",
                 "items",
             )
-        top_k = min(request.top_k or self.config.generation.teacher_topk, self.engine.max_top_k)
+        top_k = min(request.top_logprobs or self.config.generation.teacher_topk, self.engine.max_top_k)
 
         responses = [self._response_ids(item) for item in request.items]
         # The responses of one group share their prompt: decode its image and encode it once.
@@ -312,7 +315,7 @@ class ModelServer:
         scores = await asyncio.gather(*(self._score_batch((mask_ratio, p, r, top_k)) for p, r in prepared))
         return top_k, sum(len(p.token_ids) for p, _ in prepared), list(scores)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch  # sized from serve.max_batch_size and batch_wait_timeout_s in __init__
     async def _score_batch(self, items: list[tuple[float, EncodedPrompt, list[int], int]]) -> list:
         return await self._run_at_levels(items, self.engine.score)
 
@@ -513,8 +516,8 @@ def _deployment_options(config: MastersConfig) -> dict:
     limits = config.serve
     options = {
         "ray_actor_options": {"num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus, "resources": limits.resources},
-        # One batch running and the next one filling; the rest wait in the caller's bounded queue.
-        "max_ongoing_requests": 2 * limits.max_batch_size,
+        # Beyond it, requests wait in the caller's bounded queue.
+        "max_ongoing_requests": limits.max_ongoing_requests,
         "max_queued_requests": limits.max_queued_requests,
         "health_check_period_s": 10,
     }
@@ -522,7 +525,7 @@ def _deployment_options(config: MastersConfig) -> dict:
         options["autoscaling_config"] = {
             "min_replicas": limits.min_replicas,
             "max_replicas": limits.max_replicas,
-            "target_ongoing_requests": limits.max_batch_size,
+            "target_ongoing_requests": limits.target_ongoing_requests,
         }
     else:
         options["num_replicas"] = limits.replicas
@@ -535,14 +538,7 @@ def build_app(config: MastersConfig, model_paths: dict[str, Path]) -> serve.Appl
     missing = [name for name in catalog.models if name not in model_paths]
     if missing:
         raise ValueError(f"model_paths lacks {missing}; give a model directory for every teacher and for {STUDENT!r}")
-    api_key = None
-    if config.serve.api_key_env:
-        api_key = os.environ.get(config.serve.api_key_env)
-        if not api_key:
-            raise ValueError(
-                f"serve.api_key_env is {config.serve.api_key_env!r} but that environment variable is empty; "
-                "set it or unset serve.api_key_env"
-            )
+    api_key = api_key_from_env(config.serve.api_key_env or None, "serve.api_key_env")
     options = _deployment_options(config)
     model_server = serve.deployment(ModelServer)
     handles = {
@@ -561,20 +557,12 @@ def build_app(config: MastersConfig, model_paths: dict[str, Path]) -> serve.Appl
     return gateway.bind(config, handles, api_key)
 
 
-def resolve_model_paths(config: MastersConfig) -> dict[str, Path]:
-    """Directories of every teacher and the student; `zoo:` refs resolve inside `models.zoo_dir`."""
-    from masters.zoo import load_zoo_config, resolve_model
-
-    refs = {t.name: t.model for t in config.models.teachers} | {STUDENT: config.models.student}
-    zoo_config = load_zoo_config(config.models.zoo_config)
-    return {name: resolve_model(ref, config.models.zoo_dir, zoo_config) for name, ref in refs.items()}
-
-
-def start(config: MastersConfig, model_paths: dict[str, Path] | None = None) -> str:
-    """Deploy the app on the connected Ray cluster; returns the OpenAI base URL (`http://host:port/v1`)."""
+def start(config: MastersConfig, model_paths: dict[str, Path]) -> str:
+    """Deploy the app serving `model_paths` (`masters.zoo.resolve_model_paths`) on the connected Ray
+    cluster; returns the OpenAI base URL (`http://host:port/v1`)."""
     started = time.perf_counter()
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    app = build_app(config, model_paths or resolve_model_paths(config))
+    app = build_app(config, model_paths)
     serve.run(app, name=APP_NAME, route_prefix="/")
     logger.info("teacher service deployed in %.1fs", time.perf_counter() - started)
     return f"http://{config.serve.host}:{config.serve.port}/v1"

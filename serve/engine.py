@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,7 +71,7 @@ class Sampling:
     repetition_penalty: float
     seed: int = field(default_factory=lambda: secrets.randbits(63))
     top_logprobs: int | None = None  # None: no log-probs returned; 0: only the sampled token's
-    score_top_k: int | None = None  # record each sampled token's scores, as `score` would return them
+    score_top_logprobs: int | None = None  # record each sampled token's scores, as `score` would return them
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     # Per generated token: (token id, log-prob, [(top id, top log-prob), ...]) when asked for.
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
-    scores: TokenScores | None = None  # with `Sampling.score_top_k`: the unprocessed distribution's top-k
+    scores: TokenScores | None = None  # with `Sampling.score_top_logprobs`: the unprocessed distribution's top-k
 
 
 class Engine(Protocol):
@@ -115,13 +116,26 @@ class Engine(Protocol):
     def health(self) -> dict: ...
 
 
-def switch_stats(switch_times_s: list[float]) -> dict:
-    """Level-switch timings for `health()`."""
-    return {
-        "level_switches": len(switch_times_s),
-        "last_switch_s": round(switch_times_s[-1], 4) if switch_times_s else None,
-        "mean_switch_s": round(sum(switch_times_s) / len(switch_times_s), 4) if switch_times_s else None,
-    }
+@dataclass
+class SwitchTimes:
+    """How long each mask-level switch of an engine took, for `health()`."""
+
+    seconds: list[float] = field(default_factory=list)
+
+    def timed(self, switch: Callable[[], object]) -> float:
+        """Run `switch`; returns and records the seconds it took."""
+        started = time.perf_counter()
+        switch()
+        self.seconds.append(time.perf_counter() - started)
+        return self.seconds[-1]
+
+    def health(self) -> dict:
+        seconds = self.seconds
+        return {
+            "level_switches": len(seconds),
+            "last_switch_s": round(seconds[-1], 4) if seconds else None,
+            "mean_switch_s": round(sum(seconds) / len(seconds), 4) if seconds else None,
+        }
 
 
 def seeded_generator(seed: int, sample_index: int, device: torch.device) -> torch.Generator:
@@ -214,7 +228,7 @@ class TransformersEngine:
             self.masker = TeacherMasker(self.model, mask_ratios, mask_scope)
         self.mask_ratio = 0.0
         self.load_s = time.perf_counter() - started
-        self.switch_times_s: list[float] = []
+        self.switch_times = SwitchTimes()
         self.batches = 0
         self.batched_items = 0
         # Token positions the model computed (padding excluded): prompts prefilled for sampling, decode
@@ -262,7 +276,7 @@ class TransformersEngine:
         max_tokens = column("max_tokens", torch.long)
         generators = [seeded_generator(params[i].seed, sample, device) for i, (_, sample) in enumerate(rows)]
         want_logprobs = [p.top_logprobs is not None for p in params]
-        score_k = max((p.score_top_k for p in params if p.score_top_k), default=0)
+        score_k = max((p.score_top_logprobs for p in params if p.score_top_logprobs), default=0)
         steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step, with score_k
 
         inputs = self._forward_inputs(prompts)
@@ -323,8 +337,8 @@ class TransformersEngine:
         for row, (request, _) in enumerate(rows):
             tokens = generated[row]
             scores = None
-            if params[row].score_top_k:
-                k, taken = params[row].score_top_k, active[:, row]
+            if params[row].score_top_logprobs:
+                k, taken = params[row].score_top_logprobs, active[:, row]
                 scores = token_scores(
                     torch.tensor(tokens), chosen[taken, row], top_values[taken, row, :k], top_ids[taken, row, :k]
                 )
@@ -371,11 +385,8 @@ class TransformersEngine:
             return 0.0
         if self.masker is None:
             raise ValueError(f"this model is served dense only; cannot mask at {mask_ratio}")
-        started = time.perf_counter()
-        self.masker.set_mask_ratio(mask_ratio)
+        elapsed = self.switch_times.timed(lambda: self.masker.set_mask_ratio(mask_ratio))
         self.mask_ratio = mask_ratio
-        elapsed = time.perf_counter() - started
-        self.switch_times_s.append(elapsed)
         return elapsed
 
     def health(self) -> dict:
@@ -388,5 +399,5 @@ class TransformersEngine:
             "batches": self.batches,
             "mean_batch_size": round(self.batched_items / max(self.batches, 1), 2),
             **{f"{kind}_positions": count for kind, count in self.positions.items()},
-            **switch_stats(self.switch_times_s),
+            **self.switch_times.health(),
         }

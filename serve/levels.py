@@ -1,6 +1,6 @@
 """Model ids: every mask level of a teacher is `<name>@<ratio>`, the student is `student`.
 
-Ratios are written by `masters.config.ratio_label` (`teacher-l@0.15`, `teacher-l@0`), and any
+Teacher ids are written by `masters.curriculum.model_id` (`teacher-l@0.15`, `teacher-l@0`), and any
 spelling of the same number (`teacher-l@0.0`, `teacher-l@0.150`) resolves to the same level.
 `model_handle` turns a model id into an in-cluster Serve handle. The module imports neither torch nor
 the engines: the pipeline's Ray workers import it to reach the service.
@@ -11,19 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from masters.config import MastersConfig, isclose_ratio, ratio_label
+from masters.config import MastersConfig, isclose_ratio
+from masters.curriculum import STUDENT, model_id
 from serve.api import ServeError
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
 APP_NAME = "masters"
-STUDENT = "student"
-
-
-def model_id(name: str, mask_ratio: float | None = None) -> str:
-    """`teacher-l@0.15` for a teacher level; the bare name for the (dense) student."""
-    return name if mask_ratio is None else f"{name}@{ratio_label(mask_ratio)}"
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,7 @@ class Level:
 
     @property
     def model_id(self) -> str:
-        return model_id(self.model.name, self.mask_ratio if self.model.is_teacher else None)
+        return model_id(self.model.name, self.mask_ratio) if self.model.is_teacher else self.model.name
 
 
 class Catalog:

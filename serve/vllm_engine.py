@@ -29,7 +29,7 @@ from masters.families import encode_prompt, template_writes_bos
 from masters.models import resolve_dtype
 
 from serve.api import ServeError, TokenScores
-from serve.engine import ChatPrompt, Completion, EncodedPrompt, Sampling, switch_stats
+from serve.engine import ChatPrompt, Completion, EncodedPrompt, Sampling, SwitchTimes
 
 # --------------------------------------------------------------------------- inside vLLM's workers
 
@@ -136,7 +136,7 @@ class VLLMEngine:
                 functools.partial(_init_levels, model_dir=str(model_dir), mask_ratios=mask_ratios, scope=mask_scope)
             )
         self.load_s = time.perf_counter() - started
-        self.switch_times_s: list[float] = []
+        self.switch_times = SwitchTimes()
         self.batches = 0
 
     def encode_chat(self, prompt: ChatPrompt) -> EncodedPrompt:
@@ -173,8 +173,8 @@ class VLLMEngine:
                 repetition_penalty=sampling.repetition_penalty,
                 seed=sampling.seed & 0x7FFF_FFFF_FFFF_FFFF,
                 # vLLM's log-probs are of the raw model output (`logprobs_mode` "raw_logprobs", its
-                # default), before temperature, top-p, top-k and penalties: what `score_top_k` records.
-                logprobs=max((k for k in (sampling.top_logprobs, sampling.score_top_k) if k is not None), default=None),
+                # default), before temperature, top-p, top-k and penalties: what `score_top_logprobs` records.
+                logprobs=max((k for k in (sampling.top_logprobs, sampling.score_top_logprobs) if k is not None), default=None),
             )
             for _, sampling in batch
         ]
@@ -191,8 +191,8 @@ class VLLMEngine:
                         for token, entry in zip(sample.token_ids, sample.logprobs)
                     ]
                 scores = None
-                if sampling.score_top_k:
-                    scores = _token_scores(list(sample.token_ids), sample.logprobs, sampling.score_top_k)
+                if sampling.score_top_logprobs:
+                    scores = _token_scores(list(sample.token_ids), sample.logprobs, sampling.score_top_logprobs)
                 finish = "stop" if sample.finish_reason == "stop" else "length"
                 completions.append(Completion(sample.text, list(sample.token_ids), finish, logprobs, scores))
             results.append(completions)
@@ -219,11 +219,8 @@ class VLLMEngine:
             return 0.0
         if not self.masked:
             raise ValueError(f"this model is served dense only; cannot mask at {mask_ratio}")
-        started = time.perf_counter()
-        self.llm.apply_model(functools.partial(_set_level, mask_ratio=mask_ratio))
+        elapsed = self.switch_times.timed(lambda: self.llm.apply_model(functools.partial(_set_level, mask_ratio=mask_ratio)))
         self.mask_ratio = mask_ratio
-        elapsed = time.perf_counter() - started
-        self.switch_times_s.append(elapsed)
         return elapsed
 
     def health(self) -> dict:
@@ -233,5 +230,5 @@ class VLLMEngine:
             "mask_ratio": self.mask_ratio,
             "load_s": round(self.load_s, 3),
             "batches": self.batches,
-            **switch_stats(self.switch_times_s),
+            **self.switch_times.health(),
         }

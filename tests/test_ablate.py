@@ -25,6 +25,7 @@ from cluster.stage_store import read_parts
 from jobs import ablate
 from masters.ablation import format_summary, load_ladder, run_diagnostics, rung_config, summarize, t_interval
 from masters.config import ConfigError, load_config
+from masters.run_layout import RunLayout, stage_records_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 LADDER = ROOT / "configs" / "ablations" / "ladder.yaml"
@@ -179,24 +180,28 @@ def micro_ladder(tmp_path_factory) -> Path:
     return base / "runs" / "micro_ladder"
 
 
+def run_layout(ladder_dir: Path, rung: str, seed: int) -> RunLayout:
+    """Where a run of the micro ladder lives, as jobs/ablate.py lays it out (`rung_config`)."""
+    ladder = load_ladder(ladder_dir.parents[1] / "ladder.yaml", None, None)
+    return RunLayout.of(rung_config(ladder, rung, seed, [f"storage_path={ladder_dir.parent}"]))
+
+
 @pytest.mark.slow
 def test_rungs_share_records_and_seeds_differ(micro_ladder):
-    stages = sorted(p.relative_to(micro_ladder / "records") for p in (micro_ladder / "records" / "stages").glob("*/*"))
+    layouts = {(rung, seed): run_layout(micro_ladder, rung, seed) for rung in ("mask_progressive", "full") for seed in (0, 1)}
+    stages = sorted(layouts["full", 0].stages.glob("*/*"))
     # 2 stages x 2 seeds, each generated once and trained on by both rungs (4 records, 8 stage trainings).
     assert len(stages) == 4, stages
-    for rung in ("mask_progressive", "full"):
-        for seed in (0, 1):
-            run_dir = micro_ladder / "runs" / f"{rung}-seed{seed}"
-            assert json.loads((run_dir / "state.json").read_text())["completed"] == ["teacher-l/0", "teacher-l/1"]
+    for layout in layouts.values():
+        assert json.loads(layout.state_file.read_text())["completed"] == ["teacher-l/0", "teacher-l/1"]
 
     # The seeds sample different responses: the first stage's records of seed 0 and seed 1 differ.
-    first_stage = sorted((micro_ladder / "records" / "stages" / "teacher-l").glob("0-*"))
+    first = stage_records_dir(layouts["full", 0].records_root, "teacher-l", 0, "*")
+    first_stage = sorted(first.parent.glob(first.name))
     assert len(first_stage) == 2
     texts = [sorted(map(str, read_parts(d, ["question_id", "responses"]).to_pylist())) for d in first_stage]
     assert texts[0] != texts[1]
-    students = [
-        load_file(micro_ladder / "runs" / f"mask_progressive-seed{seed}" / "student" / "model.safetensors") for seed in (0, 1)
-    ]
+    students = [load_file(layouts["mask_progressive", seed].student / "model.safetensors") for seed in (0, 1)]
     assert any(not torch.equal(students[0][name], students[1][name]) for name in students[0])
 
 
@@ -207,8 +212,7 @@ def test_summary_intervals_come_from_the_seeds(micro_ladder):
     for rung, by_seed in summary["results"].items():
         values = [by_seed[seed]["overall"] for seed in ("0", "1")]
         if rung != "initial":  # each seed's value is that run's own final evaluation
-            finals = [json.loads((micro_ladder / "runs" / f"{rung}-seed{seed}" / "eval" / "final_test.json").read_text())
-                      for seed in (0, 1)]  # fmt: skip
+            finals = [json.loads(run_layout(micro_ladder, rung, seed).final_test.read_text()) for seed in (0, 1)]
             assert values == [final["final student"]["accuracy"] for final in finals]
         row = summary["summary"][rung]["overall"]
         assert row["values"] == values

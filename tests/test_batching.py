@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import random
 
 import numpy as np
 import pyarrow as pa
@@ -15,59 +14,9 @@ from PIL import Image
 from masters.batching import ShardPlan, StageTable, collate_records
 from masters.families import VLMFamily
 from masters.models import build_prompt, load_model
-from masters.records import RESPONSE_TYPE, Response, StageRecord, records_to_table, responses_array
-from masters.student_step import response_logits
-
-QUESTIONS = ["Is there a red circle?", "How many squares are there?", "What color is the triangle?", "Count."]
-
-
-def synthetic_records(
-    processor, num_questions: int, group_size: int = 4, topk: int = 8, seed: int = 0, max_response_tokens: int = 6
-) -> list[StageRecord]:
-    """Deterministic stage records: random images, random response tokens (no special tokens), random
-    teacher top-k log-probs that leave some mass to the tail, random 0/1 accuracy rewards."""
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
-    vocab_size = len(processor.tokenizer)
-    first_plain_id = len(processor.tokenizer.all_special_ids)  # specials come first in the family's vocab
-    records = []
-    for q in range(num_questions):
-        pixels = bytes(rng.randrange(256) for _ in range(32 * 32 * 3))
-        png = io.BytesIO()
-        Image.frombytes("RGB", (32, 32), pixels).save(png, format="PNG")
-        question = QUESTIONS[q % len(QUESTIONS)] + " " * (q % 3)  # varied prompt lengths
-        responses = []
-        for j in range(group_size):
-            length = rng.randint(1, max_response_tokens)
-            token_ids = [rng.randrange(first_plain_id, vocab_size) for _ in range(length)]
-            topk_ids = [torch.randperm(vocab_size, generator=generator)[:topk].tolist() for _ in range(length)]
-            logprobs = torch.log_softmax(torch.randn(length, topk + 1, generator=generator) * 2, dim=-1)[:, :topk]
-            responses.append(
-                Response(
-                    source="teacher" if j < group_size // 2 else "student",
-                    text=f"answer {j}",
-                    token_ids=token_ids,
-                    accuracy_reward=float(rng.random() < 0.5),
-                    teacher_topk_ids=topk_ids,
-                    teacher_topk_logprobs=logprobs.tolist(),
-                    teacher_tail_mass=(1 - logprobs.exp().sum(-1)).tolist(),
-                )
-            )
-        records.append(
-            StageRecord(
-                question_id=f"q{q:04d}",
-                family="synthetic",
-                image_png=png.getvalue(),
-                question=question,
-                answer="yes",
-                teacher="teacher-l",
-                mask_ratio=0.1,
-                stage_index=1,
-                responses=responses,
-            )
-        )
-    return records
-
+from masters.records import RESPONSE_TYPE, Response, StageRecord, responses_array
+from masters.student_loss import response_logits
+from stage_records import synthetic_records, write_stage
 
 def test_responses_array_from_numpy_matches_the_python_lists():
     rng = np.random.default_rng(0)
@@ -104,14 +53,6 @@ def test_responses_array_leaves_what_a_draft_lacks_null():
                  draft | {"accuracy_reward": None, "teacher_topk_ids": None, "teacher_topk_logprobs": None, "teacher_tail_mass": None}]]
     assert column.equals(pa.array(expected, type=pa.list_(RESPONSE_TYPE)))
     assert responses_array([[], []]).equals(pa.array([[], []], type=pa.list_(RESPONSE_TYPE)))
-
-
-def write_stage(records: list[StageRecord], stage_dir, files: int = 2) -> None:
-    """Split the records over several Parquet files in reverse order, as a pipeline might."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    ordered = list(reversed(records))
-    for f in range(files):
-        pq.write_table(records_to_table(ordered[f::files]), stage_dir / f"part-{f:03d}.parquet")
 
 
 def with_responses(record: StageRecord, *responses: Response) -> StageRecord:
@@ -207,7 +148,7 @@ def test_response_logits_predict_each_response_token(micro, family, records):
 def test_loss_ignores_prompt_and_padding(micro, family, records):
     """A question's per-response divergences D_j do not change when batched with longer prompts and responses."""
     from masters.config import LossConfig, RewardConfig
-    from masters.student_step import student_loss
+    from masters.student_loss import student_loss
 
     model, processor = micro
     config = LossConfig(objective="mask_progressive")

@@ -12,30 +12,28 @@ import contextlib
 import importlib.util
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from ray_processes import VENV_BIN, free_ports, kill_strays, run_environment, stop_process_group
+from local_cluster import RUN_TIMEOUT_S, local_cluster, start_worker_node, submit
+from ray_processes import VENV_BIN, free_ports, kill_strays, run_environment
 
 from masters.config import MastersConfig, load_config
-from masters.curriculum import plan_curriculum
+from masters.curriculum import Stage, plan_curriculum
+from masters.run_layout import STAGE_STUDENT, RunLayout, stage_records_dir
+from masters.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "jobs" / "distill.py"
 MICRO = "configs/micro.yaml"
-RUN_TIMEOUT_S = 900  # one micro run: ~3-5 min on 2 idle cores, more on a busy CI machine
 
 
 def load_driver():
@@ -171,95 +169,6 @@ def test_dry_run_accepts_every_shipped_config(driver, no_ray_init, capsys, path)
 # --------------------------------------------------------------------------- slow: real runs
 
 
-@dataclass
-class LocalCluster:
-    """A `ray start --head --block` cluster on loopback, with token authentication."""
-
-    dashboard_url: str
-    env: dict[str, str]
-    gcs_address: str
-
-
-HEAD_STARTED = "This command will now block forever"  # `ray start --block` prints it once the node is up
-HEAD_START_ATTEMPTS = 3  # Ray gives the raylet a fixed 30 s to register, which a busy CI machine can miss
-
-
-@contextlib.contextmanager
-def local_cluster(log_path: Path) -> Iterator[LocalCluster]:
-    ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    env = run_environment(ray_tmpdir)
-    # Ray 2.60 turns token auth on; both the cluster and the CLI get the same fresh token.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    # SIGTERM would otherwise wait up to 30 s for the node to drain (the job's Serve replicas stay up).
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-    head = None
-    try:
-        for attempt in range(1, HEAD_START_ATTEMPTS + 1):
-            head, url, gcs_address = start_head(env, log_path)
-            if wait_for_head(head, url, env["RAY_AUTH_TOKEN"], log_path):
-                break
-            stop_process_group(head, ray_tmpdir)
-            assert attempt < HEAD_START_ATTEMPTS, f"`ray start` failed {attempt} times:\n{log_path.read_text()[-4000:]}"
-        yield LocalCluster(url, env, gcs_address)
-    finally:
-        if head is not None:
-            stop_process_group(head, ray_tmpdir)
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
-
-
-def start_head(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str, str]:
-    """`ray start --head --block` on free loopback ports, in its own process group; returns it, the dashboard URL
-    and the GCS address other nodes join."""
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(9)
-    command = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-        f"--object-manager-port={object_manager}", "--num-cpus=2", "--disable-usage-stats",
-    ]  # fmt: skip
-    with log_path.open("a") as log:
-        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return head, f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}"
-
-
-def start_worker_node(cluster: LocalCluster, log_path: Path, timeout_s: float = 180) -> subprocess.Popen:
-    """A second node joining the cluster on loopback (`ray start --address --block`), up when this returns."""
-    agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(6)
-    command = [
-        str(VENV_BIN / "ray"), "start", f"--address={cluster.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}", "--num-cpus=1",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    with log_path.open("a") as log:
-        worker = subprocess.Popen(command, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while HEAD_STARTED not in log_path.read_text():
-        assert worker.poll() is None and time.monotonic() < deadline, f"the worker node did not start:\n{log_path.read_text()[-4000:]}"
-        time.sleep(1)
-    return worker
-
-
-def wait_for_head(head: subprocess.Popen, url: str, token: str, log_path: Path, timeout_s: float = 180) -> bool:
-    """True once the node is up and the dashboard answers; False if `ray start` gave up."""
-    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            return False
-        if HEAD_STARTED in log_path.read_text():
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    if response.status == 200:
-                        return True
-        time.sleep(1)
-    pytest.fail(f"the Ray head at {url} did not come up in {timeout_s}s:\n{log_path.read_text()[-4000:]}")
-
-
 def driver_args(base: Path, name: str, serve_port: int) -> list[str]:
     return [
         "jobs/distill.py", "--config", MICRO,
@@ -268,36 +177,23 @@ def driver_args(base: Path, name: str, serve_port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def submit(cluster: LocalCluster, args: list[str], log_path: Path) -> float:
-    """`ray job submit` the driver (following its logs until it ends); returns the wall time."""
-    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(ROOT),
-               "--", "python", *args]  # fmt: skip
-    started = time.perf_counter()
-    for _ in range(3):
-        with log_path.open("w") as log:
-            result = subprocess.run(command, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
-        output = log_path.read_text()
-        # The dashboard answers before the head's job agent registers; the job was not created then.
-        if "No available agent to submit job" not in output:
-            break
-        time.sleep(5)
-    seconds = time.perf_counter() - started
-    assert result.returncode == 0 and "succeeded" in output, f"job failed:\n{output[-6000:]}"
-    return seconds
-
-
 def mtimes(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
 
 
-def stage_records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record["kind"] == "stage"]
+def planned_stage_ids(layout: RunLayout) -> list[str]:
+    return [Stage.from_dict(stage).stage_id for stage in json.loads(layout.plan_file.read_text())]
+
+
+def trained_files(layout: RunLayout) -> dict[str, int]:
+    """Modification times of everything the trainer wrote: checkpoints and published stages."""
+    published = {sid: mtimes(layout.stage_output(sid)) for sid in planned_stage_ids(layout)}
+    return {"ray_train": mtimes(layout.train_storage), **published}
 
 
 @dataclass
 class SubmittedRun:
-    run_dir: Path
+    layout: RunLayout
     base: Path
     first_seconds: float
     rerun_seconds: float
@@ -310,35 +206,30 @@ class SubmittedRun:
 def submitted_run(tmp_path_factory) -> SubmittedRun:
     """The micro run submitted twice to one `ray start` cluster; the cluster is gone when this returns."""
     base = tmp_path_factory.mktemp("distill")
-    name = "micro"
-    run_dir = base / "runs" / name
+    layout = RunLayout(base / "runs", "micro")
     with local_cluster(base / "ray_start.log") as cluster:
-        args = driver_args(base, name, free_ports(1)[0])
+        args = driver_args(base, layout.name, free_ports(1)[0])
         first_seconds = submit(cluster, args, base / "submit_1.log")
-        stages_before = stage_records(run_dir)
-        checkpoints_before = mtimes(run_dir / "checkpoints")
-        stage_files_before = mtimes(run_dir / "stages")
+        stages_before = read_metrics(layout.metrics_file, "stage")
+        checkpoints_before = trained_files(layout)
+        stage_files_before = mtimes(layout.stages)
         rerun_seconds = submit(cluster, args, base / "submit_2.log")
     print(f"\nmicro run via `ray job submit`: {first_seconds:.0f}s; resubmitted: {rerun_seconds:.0f}s")
-    return SubmittedRun(run_dir, base, first_seconds, rerun_seconds, stages_before, checkpoints_before, stage_files_before)
+    return SubmittedRun(layout, base, first_seconds, rerun_seconds, stages_before, checkpoints_before, stage_files_before)
 
 
 @pytest.mark.slow
 def test_submitted_job_writes_a_complete_run(submitted_run):
-    run_dir = submitted_run.run_dir
-    plan = json.loads((run_dir / "plan.json").read_text())
-    stage_ids = [f"{stage['teacher']}/{stage['teacher_stage']}" for stage in plan]
+    layout = submitted_run.layout
+    stage_ids = planned_stage_ids(layout)
     assert len(stage_ids) == 4
-
-    state = json.loads((run_dir / "state.json").read_text())
-    assert state["completed"] == stage_ids
-    assert state["global_step"] == sum(stage["optimizer_steps"] for stage in plan)
+    assert json.loads(layout.state_file.read_text())["completed"] == stage_ids
     assert [record["stage_id"] for record in submitted_run.stages_before_rerun] == stage_ids
-    assert load_config(run_dir / "config.yaml").name == "micro"
+    assert load_config(layout.config_file).name == "micro"
 
-    report = (run_dir / "report.md").read_text()
+    report = layout.report_file.read_text()
     for name in ("families.png", "stages.png", "mask_schedule.png"):
-        assert (run_dir / name).read_bytes().startswith(b"\x89PNG"), name
+        assert (layout.report_file.parent / name).read_bytes().startswith(b"\x89PNG"), name
         assert f"]({name})" in report
     for stage_id in stage_ids:
         assert f"| {stage_id} |" in report
@@ -351,7 +242,7 @@ def test_submitted_student_loads_and_generates(submitted_run):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    student_dir = submitted_run.run_dir / "student"
+    student_dir = submitted_run.layout.student
     model = AutoModelForImageTextToText.from_pretrained(student_dir).eval()
     processor = AutoProcessor.from_pretrained(student_dir)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
@@ -366,11 +257,11 @@ def test_submitted_student_loads_and_generates(submitted_run):
 
 @pytest.mark.slow
 def test_resubmitted_job_trains_nothing_again(submitted_run):
-    run_dir = submitted_run.run_dir
-    assert stage_records(run_dir) == submitted_run.stages_before_rerun
-    assert mtimes(run_dir / "checkpoints") == submitted_run.checkpoints_before_rerun
-    assert mtimes(run_dir / "stages") == submitted_run.stage_files_before_rerun
-    assert (run_dir / "student" / "model.safetensors").exists()
+    layout = submitted_run.layout
+    assert read_metrics(layout.metrics_file, "stage") == submitted_run.stages_before_rerun
+    assert trained_files(layout) == submitted_run.checkpoints_before_rerun
+    assert mtimes(layout.stages) == submitted_run.stage_files_before_rerun
+    assert (layout.student / "model.safetensors").exists()
 
 
 def read_json(path: Path) -> dict | None:
@@ -386,8 +277,8 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
     the second stage's first update; the third's generation runs alongside), then rerun: the student
     must match the uninterrupted run's (bit for bit while the stage records match, within a pinned
     tolerance after)."""
-    base, name = submitted_run.base, "killed"
-    run_dir = base / "runs" / name
+    base = submitted_run.base
+    layout = RunLayout(base / "runs", "killed")
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray-kill-", dir="/tmp"))
     env = run_environment(ray_tmpdir)
     # Run from `base` with a relative storage_path, as `python jobs/distill.py` runs by default: every
@@ -396,9 +287,9 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
         sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(ROOT / MICRO),
         "--set", "storage_path=runs", "--set", f"models.zoo_dir={base / 'zoo'}",
         "--set", f"models.zoo_config={ROOT / 'configs' / 'zoo' / 'micro.yaml'}",
-        "--set", f"name={name}", "--set", f"serve.port={free_ports(1)[0]}",
+        "--set", f"name={layout.name}", "--set", f"serve.port={free_ports(1)[0]}",
     ]  # fmt: skip
-    plan = None
+    stage_ids = None
     try:
         with (base / "killed_1.log").open("w") as log:
             driver = subprocess.Popen(command, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -406,13 +297,11 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
             try:
                 deadline = time.monotonic() + RUN_TIMEOUT_S
                 while time.monotonic() < deadline and driver.poll() is None:
-                    plan = plan or read_json(run_dir / "plan.json")
-                    state = read_json(run_dir / "state.json") or {"completed": []}
-                    if plan and state["completed"]:
-                        # The trainer's periodic checkpoint inside the second stage.
-                        second = f"{plan[1]['teacher']}-{plan[1]['teacher_stage']}-step_00001"
-                        if (run_dir / "ray_train" / f"{name}-student" / second).exists():
-                            break
+                    stage_ids = stage_ids or (layout.plan_file.exists() and planned_stage_ids(layout))
+                    state = read_json(layout.state_file) or {"completed": []}
+                    # The trainer's periodic checkpoint after the second stage's first update.
+                    if stage_ids and state["completed"] and layout.train_checkpoint(stage_ids[1], 1).exists():
+                        break
                     time.sleep(0.2)
                 log_tail = (base / "killed_1.log").read_text()[-4000:]
                 assert driver.poll() is None, f"the driver ended before the kill:\n{log_tail}"
@@ -426,11 +315,10 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
                 strays = kill_strays(ray_tmpdir)
         print(f"\nkilled the driver mid-stage; Ray processes still alive 10 s later (then killed): {strays}")
 
-        state = read_json(run_dir / "state.json")
         # Killed inside stage 2: its last update and publication may have won the race, nothing later.
-        stage_ids = [f"{stage['teacher']}/{stage['teacher_stage']}" for stage in plan]
-        assert state["completed"] in (stage_ids[:1], stage_ids[:2]), state["completed"]
-        assert not (run_dir / "student").exists()
+        completed = read_json(layout.state_file)["completed"]
+        assert completed in (stage_ids[:1], stage_ids[:2]), completed
+        assert not layout.student.exists()
 
         started = time.perf_counter()
         with (base / "killed_2.log").open("w") as log:
@@ -442,9 +330,8 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
         kill_strays(ray_tmpdir)
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
-    state = read_json(run_dir / "state.json")
-    assert state["completed"] == [f"{stage['teacher']}/{stage['teacher_stage']}" for stage in plan]
-    assert [r["stage_id"] for r in stage_records(run_dir)] == state["completed"]  # stage 1 was not redone
+    assert read_json(layout.state_file)["completed"] == stage_ids
+    assert [r["stage_id"] for r in read_metrics(layout.metrics_file, "stage")] == stage_ids  # stage 1 was not redone
 
     # Training is bit-deterministic given a stage's records, so every checkpoint up to the first stage
     # whose records differ must be identical. Records do differ between two runs: Ray Serve batches
@@ -452,23 +339,20 @@ def test_driver_killed_mid_stage_resumes_to_the_same_student(submitted_run):
     # ~1e-6 (sometimes a sampled token flips). Adam's first steps normalise tiny gradients to about
     # ±lr, so a few weights then differ by up to 2·lr per step, while a stage skipped or trained twice
     # moves nearly all of them (measured: 0.3% vs 94% of the weights off by more than lr/2).
-    reference_dir = submitted_run.run_dir
-    stage_ids = state["completed"]
-    same_records = [stage_records_equal(reference_dir, run_dir, stage_id) for stage_id in stage_ids]
+    reference = submitted_run.layout
+    same_records = [stage_records_equal(reference, layout, stage_id) for stage_id in stage_ids]
     diverged = same_records.index(False) if False in same_records else len(stage_ids)
     for stage_id in stage_ids[:diverged]:
-        assert max_abs_diff(checkpoint(reference_dir, stage_id), checkpoint(run_dir, stage_id)) == 0.0, stage_id
-    lr = load_config(run_dir / "config.yaml").train.lr
-    max_diff = max_abs_diff(run_dir / "student", reference_dir / "student")
-    moved = fraction_differing(run_dir / "student", reference_dir / "student", lr / 2)
+        published = [run.stage_output(stage_id) / STAGE_STUDENT for run in (reference, layout)]
+        assert max_abs_diff(*published) == 0.0, stage_id
+    config = load_config(layout.config_file)
+    max_diff = max_abs_diff(layout.student, reference.student)
+    moved = fraction_differing(layout.student, reference.student, config.train.lr / 2)
     print(f"stages with bit-identical records: {stage_ids[:diverged]}; max |resumed - uninterrupted| = "
           f"{max_diff:.3g}; weights off by > lr/2: {100 * moved:.2f}%")  # fmt: skip
-    assert max_diff <= 2 * lr * sum(stage["optimizer_steps"] for stage in plan[diverged:]) * (1 + 1e-3)
+    plan = plan_curriculum(config, config.data.train_size)
+    assert max_diff <= 2 * config.train.lr * sum(stage.optimizer_steps for stage in plan[diverged:]) * (1 + 1e-3)
     assert moved <= 0.02
-
-
-def checkpoint(run_dir: Path, stage_id: str) -> Path:
-    return run_dir / "checkpoints" / stage_id.replace("/", "-") / "student"
 
 
 def max_abs_diff(model_a: Path, model_b: Path) -> float:
@@ -487,12 +371,13 @@ def fraction_differing(model_a: Path, model_b: Path, threshold: float) -> float:
     return differing / sum(tensor.numel() for tensor in a.values())
 
 
-def stage_records_equal(run_a: Path, run_b: Path, stage_id: str) -> bool:
+def stage_records_equal(run_a: RunLayout, run_b: RunLayout, stage_id: str) -> bool:
     import pyarrow.parquet as pq
 
-    def rows(run_dir: Path) -> list[dict]:
-        teacher, k = stage_id.split("/")
-        (directory,) = (run_dir / "stages" / teacher).glob(f"{k}-*")  # one record per stage in a run's own store
+    def rows(layout: RunLayout) -> list[dict]:
+        (stage,) = [Stage.from_dict(s) for s in json.loads(layout.plan_file.read_text()) if Stage.from_dict(s).stage_id == stage_id]
+        pattern = stage_records_dir(layout.records_root, stage.teacher, stage.teacher_stage, "*")
+        (directory,) = pattern.parent.glob(pattern.name)  # one record per stage in a run's own store
         parts = sorted(directory.glob("*.parquet"))
         return sorted((row for part in parts for row in pq.read_table(part).to_pylist()), key=lambda r: r["question_id"])
 
@@ -526,12 +411,11 @@ def test_micro_run_of_a_real_family_saves_a_student_transformers_loads(architect
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert result.returncode == 0, (tmp_path / "run.log").read_text()[-6000:]
 
-    run_dir = tmp_path / "runs" / architecture
-    state = read_json(run_dir / "state.json")
-    assert len(state["completed"]) == 4
-    student = AutoModelForImageTextToText.from_pretrained(run_dir / "student")
+    layout = RunLayout(tmp_path / "runs", architecture)
+    assert len(read_json(layout.state_file)["completed"]) == 4
+    student = AutoModelForImageTextToText.from_pretrained(layout.student)
     assert type(student) is MODEL_CLASSES[architecture]
-    processor = AutoProcessor.from_pretrained(run_dir / "student")
+    processor = AutoProcessor.from_pretrained(layout.student)
     assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor", "internvl": "InternVLProcessor"}[architecture]
     zoo_config = load_zoo_config(ROOT / "configs" / "zoo" / f"micro_{architecture}.yaml")
     initial = AutoModelForImageTextToText.from_pretrained(resolve_model("zoo:student", tmp_path / "zoo", zoo_config))

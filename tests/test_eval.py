@@ -12,7 +12,7 @@ from masters.eval import evaluate, format_comparison, format_table
 from masters.families import VLMFamily
 from masters.models import generate_answers, load_model
 from masters.tiny_vlms import MICRO, build_model
-from masters.rewards import rule_accuracy
+from masters.judging import rule_accuracy
 from masters.sft import encode_examples, train_sft
 
 REPO = Path(__file__).resolve().parents[1]

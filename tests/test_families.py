@@ -14,10 +14,11 @@ from masters.batching import collate_records
 from masters.data import make_split
 from masters.eval import evaluate
 from masters.families import UnsupportedModelError, VLMFamily, masked_parameter_names, part_weights
-from masters.masking import TeacherMasker, export_masked_checkpoints
+from masters.mask_export import export_masked_checkpoints
+from masters.masking import TeacherMasker
 from masters.models import load_model
 from masters.records import Response
-from masters.student_step import response_logits, student_loss
+from masters.student_loss import response_logits, student_loss
 from masters.tiny_vlms import ARCHITECTURES
 from serve.engine import ChatPrompt, Sampling, TransformersEngine
 from family_models import TinyVLM, build_tiny_vlm, own_forward_logprobs, shapes_image, stage_record, user_turn

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from family_models import build_tiny_vlm
-from test_batching import synthetic_records
+from stage_records import synthetic_records
 
 from masters.batching import collate_records
 from masters.config import LossConfig, RewardConfig
 from masters.families import VLMFamily
 from masters.losses import (
-    MastersBatch,
+    LossTargets,
     chunked_masters_loss,
     chunked_token_logprobs,
     masters_loss,
@@ -24,7 +24,7 @@ from masters.losses import (
 )
 from masters.models import load_model
 from masters.rewards import grpo_advantages, reverse_min_max
-from masters.student_step import needs_reference, step_metrics, student_loss
+from masters.student_loss import needs_reference, step_metrics, student_loss
 from masters.tiny_vlms import ARCHITECTURES
 
 
@@ -55,7 +55,7 @@ def random_batch(generator, groups=(4, 3), length=6, vocab=11, k=4, student_voca
     # groups interleaved so the layout code has to sort them out
     group_index = torch.cat([torch.full((n,), 10 * g) for g, n in enumerate(sizes)])
     group_index = group_index[torch.randperm(size, generator=generator)]
-    batch = MastersBatch(
+    batch = LossTargets(
         target_ids=torch.randint(0, vocab, (size, length), generator=generator),
         response_mask=mask,
         teacher_topk_ids=ids,
@@ -316,7 +316,7 @@ def test_bad_batches_name_the_field():
         masters_loss(logits, batch, full, RewardConfig())
     masters_loss(logits, batch, LossConfig(kl_beta=0.0), RewardConfig())  # no reference needed without KL
     def replaced(**fields):
-        return MastersBatch(**{**vars(batch), **fields})
+        return LossTargets(**{**vars(batch), **fields})
 
     with pytest.raises(ValueError, match="response_mask must have shape"):
         masters_loss(logits, replaced(response_mask=batch.response_mask[:, :-1]), full, RewardConfig())
@@ -353,7 +353,7 @@ def test_training_a_tiny_student():
     vocab, length, group = 12, 5, 4
     input_ids = torch.randint(0, vocab, (group, length + 1))
     ids, logprobs = teacher_topk(torch.randn(group, length, vocab) * 2, 6)
-    batch = MastersBatch(
+    batch = LossTargets(
         target_ids=input_ids[:, 1:],
         response_mask=torch.ones(group, length, dtype=torch.bool),
         teacher_topk_ids=ids,

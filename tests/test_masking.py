@@ -9,16 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from masters.masking import (
-    MANIFEST,
-    SAFETENSORS_INDEX,
-    TeacherMasker,
-    export_masked_checkpoints,
-    mask_levels,
-    masked_parameter_names,
-    write_level,
-    zeroed_count,
-)
+from masters.mask_export import MANIFEST, export_masked_checkpoints
+from masters.masking import SAFETENSORS_INDEX, TeacherMasker, mask_levels, masked_parameter_names, write_level, zeroed_count
 
 SCHEDULE = [0.2, 0.15, 0.1, 0.05, 0.0]
 ROOT = Path(__file__).resolve().parents[1]

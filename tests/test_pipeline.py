@@ -6,6 +6,8 @@ scripted OpenAI-style judge whose model id picks its behaviour.
 """
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from masters.curriculum import plan_curriculum
 from masters.data import make_split
 from masters.data.source import QuestionIndex
 from masters.records import table_to_records
+from masters.run_layout import stage_records_dir
 from serve.levels import APP_NAME, model_handle
 
 pytestmark = pytest.mark.timeout(300)
@@ -288,7 +291,7 @@ def test_http_and_serve_handles_give_the_same_samples_and_scores(service, tmp_pa
     (sampled_http,) = over_http.chat_many([chat])
     assert sampled.token_ids == sampled_http.token_ids and sampled.texts == sampled_http.texts
     items = [{"messages": messages, "response_token_ids": token_ids} for token_ids in sampled.token_ids]
-    score = ScoreRequest(model=f"{TEACHER}@0.05", items=items, top_k=4)
+    score = ScoreRequest(model=f"{TEACHER}@0.05", items=items, top_logprobs=4)
     (scored,) = by_handle.score_many([score])
     (scored_http,) = over_http.score_many([score])
     assert all(by_handle == by_http for by_handle, by_http in zip(scored, scored_http, strict=True))
@@ -309,7 +312,7 @@ def test_stage_on_the_micro_model_then_skip_and_redo(service, tmp_path, capsys):
     assert not result.skipped
     train_ids = [sample.id for sample in train]
     assert result.directory == stage_records(config, stage, train_ids, run_dir)[1]
-    assert result.directory.parent == run_dir / "stages" / TEACHER and result.directory.name.startswith("0-")
+    assert result.directory == stage_records_dir(run_dir, TEACHER, 0, result.manifest["config_hash"])
     records = table_to_records(read_parts(result.directory))
     assert sorted(r.question_id for r in records) == sorted(train[i].id for i in stage.question_indices)
     samples = {sample.id: sample for sample in train}
@@ -392,7 +395,7 @@ def test_teacher_scores_recorded_while_sampling_equal_generate_then_score(servic
             ScoreRequest(
                 model=stage.model_id,
                 items=[{"messages": image_messages(record.image_png, record.question), "response_token_ids": r.token_ids} for r in record.responses],
-                top_k=config.generation.teacher_topk,
+                top_logprobs=config.generation.teacher_topk,
             )
             for record in records
         ]
@@ -426,8 +429,8 @@ def test_all_stages_in_one_pipeline(service, tmp_path):
         assert sorted(r.question_id for r in records) == sorted(train[i].id for i in stage.question_indices)
         assert all(r.mask_ratio == pytest.approx(stage.mask_ratio) and r.stage_index == stage.teacher_stage for r in records)
         assert result.manifest["model_id"] == stage.model_id
-    names = sorted(p.name for p in (run_dir / "stages" / TEACHER).iterdir())  # no temp leftovers
-    assert [name.split("-")[0] for name in names] == ["0", "1"]
+    teacher_stages = results[0].directory.parent
+    assert sorted(teacher_stages.iterdir()) == sorted(result.directory for result in results)  # no temp leftovers
 
     before = [_directory_state(result.directory) for result in results]
     reported.clear()
@@ -495,28 +498,18 @@ def test_judge_failures_drop_groups_or_fail_the_stage(service, tmp_path):
     failing = _llm_config(tmp_path, service, "broken", "fail_stage", name="pipe-fail")
     with pytest.raises(StageFailedError, match="on_failure=drop_group"):
         run_stage(failing, stage, questions, tmp_path / "pipe-fail", ServiceAddress(), service["model_dir"])
-    stages = tmp_path / "pipe-fail" / "stages" / TEACHER
-    assert not stages.exists() or list(stages.iterdir()) == []  # nothing half-written
+    teacher_stages = stage_records_dir(tmp_path / "pipe-fail", TEACHER, stage.teacher_stage, "-").parent
+    assert not teacher_stages.exists() or list(teacher_stages.iterdir()) == []  # nothing half-written
 
 
 # --------------------------------------------------------------------------- fault tolerance
 
 
-def _reward_actor_handles() -> dict[str, object]:
-    """The driver's handles to reward actors, by actor id: the driver owns the actors Ray Data starts."""
-    import gc
-    import warnings
+def _reward_actor_pids() -> set[int]:
+    """The processes of reward actors on this machine, by the title Ray gives an actor's process."""
+    import psutil
 
-    import ray
-
-    with warnings.catch_warnings():  # isinstance() on some torch module proxies warns about deprecations
-        warnings.simplefilter("ignore")
-        handles = [obj for obj in gc.get_objects() if isinstance(obj, ray.actor.ActorHandle)]
-    return {
-        handle._ray_actor_id.hex(): handle
-        for handle in handles
-        if "RewardScorer" in handle._ray_actor_creation_function_descriptor.class_name
-    }
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "RewardScorer" in " ".join(p.info["cmdline"] or [])}
 
 
 def _judge_requests(url: str) -> int:
@@ -526,18 +519,16 @@ def _judge_requests(url: str) -> int:
 
 
 def _kill_reward_actor_mid_stage(judge_requests_url: str, earlier: set, killed: list, stop: threading.Event) -> None:
-    """Find this stage's reward actor as soon as it exists, then ray.kill it (restartable, as a crash
-    would leave it) once the judge has answered a few of its requests: the stage is mid-way."""
-    import ray
-
+    """Find this stage's reward actor process as soon as it exists, then SIGKILL it (a crash: Ray restarts
+    the actor) once the judge has answered a few of its requests: the stage is mid-way."""
     start = _judge_requests(judge_requests_url)
-    handle = None
+    pid = None
     while not stop.is_set():
-        if handle is None:
-            handle = next((h for i, h in _reward_actor_handles().items() if i not in earlier), None)
+        if pid is None:
+            pid = next(iter(_reward_actor_pids() - earlier), None)
         elif _judge_requests(judge_requests_url) >= start + 6:
-            ray.kill(handle, no_restart=False)
-            killed.append(handle._ray_actor_id.hex())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
             return
         time.sleep(0.02)
 
@@ -549,7 +540,7 @@ def test_a_killed_reward_actor_loses_and_doubles_no_question(service, tmp_path):
     stage = plan[0]
     killed, stop = [], threading.Event()
     requests_url = f"http://127.0.0.1:{service['port']}{JUDGE_ROUTE}/requests"
-    earlier = set(_reward_actor_handles())
+    earlier = _reward_actor_pids()
     killer = threading.Thread(
         target=_kill_reward_actor_mid_stage,
         args=(requests_url, earlier, killed, stop),

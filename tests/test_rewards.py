@@ -4,18 +4,16 @@ import pytest
 import torch
 
 from masters.config import RewardConfig
-from masters.rewards import (
-    grpo_advantages,
+from masters.judging import (
     is_repetitive,
     judge_messages,
     judge_retry_messages,
     normalize_answer,
     parse_bare_score,
     parse_judge_score,
-    reverse_min_max,
     rule_accuracy,
-    total_reward,
 )
+from masters.rewards import grpo_advantages, reverse_min_max, total_reward
 
 TOL = 1e-6
 

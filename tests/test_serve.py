@@ -241,8 +241,9 @@ def test_stream_deltas_never_split_a_character(micro_model_dir):
 # --------------------------------------------------------------------------- scoring
 
 
-def score(service, model: str, response_token_ids: list[int], top_k: int = 5) -> dict:
-    body = {"model": model, "items": [{"messages": image_messages(), "response_token_ids": response_token_ids}], "top_k": top_k}
+def score(service, model: str, response_token_ids: list[int], top_logprobs: int = 5) -> dict:
+    body = {"model": model, "items": [{"messages": image_messages(), "response_token_ids": response_token_ids}],
+            "top_logprobs": top_logprobs}  # fmt: skip
     reply = post(service, "/score", body)
     assert reply.status_code == 200, reply.text
     return reply.json()["data"][0]
@@ -270,7 +271,7 @@ def direct_logprobs(direct_model, response_token_ids: list[int]) -> torch.Tensor
 
 def test_score_equals_a_direct_transformers_forward(service, direct_model):
     response = [40, 41, 42, 43, 44, 45]
-    scored = score(service, "teacher@0", response, top_k=8)
+    scored = score(service, "teacher@0", response, top_logprobs=8)
     reference = direct_logprobs(direct_model, response)
     top = reference.topk(8)
     assert scored["token_ids"] == response
@@ -397,12 +398,12 @@ BAD_REQUESTS = {
     "streamed prompt beyond context": (
         "/chat/completions", chat(messages=image_messages("red " * 600), stream=True), 400, "context"
     ),
-    "score_token_ids without score_top_k": ("/chat/completions", chat(score_token_ids=[[5, 6]]), 400, "needs score_top_k"),
-    "score_top_k with stream": ("/chat/completions", chat(score_top_k=4, stream=True), 400, "stream=true"),
+    "score_token_ids without score_top_logprobs": ("/chat/completions", chat(score_token_ids=[[5, 6]]), 400, "needs score_top_logprobs"),
+    "score_top_logprobs with stream": ("/chat/completions", chat(score_top_logprobs=4, stream=True), 400, "stream=true"),
     "score_token_ids outside vocab": (
-        "/chat/completions", chat(score_top_k=4, score_token_ids=[[10**6]]), 400, "outside the vocabulary"
+        "/chat/completions", chat(score_top_logprobs=4, score_token_ids=[[10**6]]), 400, "outside the vocabulary"
     ),
-    "score_token_ids empty response": ("/chat/completions", chat(score_top_k=4, score_token_ids=[[]]), 400, "at least one token"),
+    "score_token_ids empty response": ("/chat/completions", chat(score_top_logprobs=4, score_token_ids=[[]]), 400, "at least one token"),
     "score both responses": (
         "/score",
         {"model": "teacher@0", "items": [{"messages": image_messages(), "response": "a", "response_token_ids": [1]}]},
@@ -527,7 +528,7 @@ def test_every_documented_status_is_really_answered(service, spec, degraded_url)
         ],
         "/v1/score": [
             post(service, "/score", score_body),
-            post(service, "/score", score_body | {"top_k": 0}),
+            post(service, "/score", score_body | {"top_logprobs": 0}),
             post(service, "/score", score_body, token="wrong"),
             post(service, "/score", score_body | {"model": "teacher"}),
             *flood(service, "/score", [busy_score] * 128),

@@ -133,14 +133,14 @@ def test_score_equals_a_direct_forward_and_is_batch_independent(engine):
 
 
 def test_scores_recorded_while_sampling_equal_a_separate_score_pass(engine):
-    """`score_top_k` records, per sampled token, the unprocessed distribution's top-k (not the filtered
+    """`score_top_logprobs` records, per sampled token, the unprocessed distribution's top-k (not the filtered
     one the token was drawn from): equal to scoring the finished response in one forward, at a mask level,
     in a batch whose rows stop at different lengths."""
     engine.set_mask_ratio(0.1)
     try:
         prompts = [image_prompt(engine), image_prompt(engine, "how many?", colour=(10, 200, 10))]
         requests = [
-            (p, sampling(n=2, max_tokens=6 - 3 * i, temperature=1.3, top_k=5, score_top_k=8, seed=i)) for i, p in enumerate(prompts)
+            (p, sampling(n=2, max_tokens=6 - 3 * i, temperature=1.3, top_k=5, score_top_logprobs=8, seed=i)) for i, p in enumerate(prompts)
         ]  # rows of 6 and 3 tokens: a row stops recording when it finishes
         requests.append((prompts[0], sampling(max_tokens=3, seed=9)))  # no scores asked: none recorded
         completions = engine.generate(requests)

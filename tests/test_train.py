@@ -6,26 +6,21 @@ and shared: one DDP run of two 2-step stages is the reference for every comparis
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
-from test_batching import synthetic_records, write_stage
+from stage_records import synthetic_records, write_stage
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from cluster.train import (
-    PROGRESS_FILE,
-    TRAIN_STATE_FILE,
-    RecordsGate,
-    StageTrainResult,
-    TrainingStage,
-    train_curriculum,
-)
+from cluster.curriculum import StageHandoff
+from cluster.train import TRAIN_STATE_FILE, StageTrainResult, TrainerProgress, TrainingStage, train_curriculum
 from masters.config import MastersConfig
 from masters.models import load_model
+from masters.run_layout import STAGE_STUDENT, checkpoint_name, stage_slug
 
 STEPS = 4
 # Two stages of 2 updates each over the same records: one optimizer runs through both, and stage b
@@ -73,13 +68,16 @@ def storage(tmp_path_factory) -> Path:
 def run(config, stage, micro_model_dir, storage, name, stages=STAGES, student_in=None, finished=None) -> list[StageTrainResult]:
     """Train `stages` (all over the records in `stage`) as run `name`, from `student_in` (default: the
     initial student) after the stage published in `finished`, if given."""
-    records_gate = RecordsGate.remote()
+    handoff = StageHandoff.remote()
     for stage_id, _ in stages:
-        records_gate.ready.remote(stage_id, str(stage))
-    plan = [TrainingStage(stage_id, steps, str(storage / "out" / name / stage_id.replace("/", "-"))) for stage_id, steps in stages]
-    return train_curriculum(
-        config, plan, records_gate, student_in or micro_model_dir, micro_model_dir, name, str(storage), finished_stage_dir=finished
+        handoff.ready.remote(stage_id, str(stage))
+    plan = [TrainingStage(stage_id, steps, str(storage / "out" / name / stage_slug(stage_id))) for stage_id, steps in stages]
+    results = train_curriculum(
+        config, plan, handoff, student_in or micro_model_dir, micro_model_dir, name, str(storage), finished_stage_dir=finished
     )
+    # The trainer told the handoff of every stage it published (the driver waits on that, not on files).
+    ray.get([handoff.wait_trained.remote(stage_id) for stage_id, _ in stages], timeout=30)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -104,18 +102,18 @@ def test_ddp_losses_are_pinned(ddp_run, micro_model_dir, storage):
 
     # Each stage's student: Hugging Face format, loadable as is, and trained further by each stage.
     assert (first.steps, second.steps) == (2, 2)
-    model = AutoModelForImageTextToText.from_pretrained(second.student_dir)
+    _, loading = AutoModelForImageTextToText.from_pretrained(second.student_dir, output_loading_info=True)
     AutoProcessor.from_pretrained(second.student_dir)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading  # every weight saved, none invented
     initial, after_first, after_second = (weights(d) for d in (micro_model_dir, first.student_dir, second.student_dir))
     assert after_second.keys() == initial.keys()
     assert any(not torch.equal(after_first[k], initial[k]) for k in initial)
     assert any(not torch.equal(after_second[k], after_first[k]) for k in initial)
-    assert sum(p.numel() for p in model.parameters()) > 0
     # The run's latest checkpoint: the end of the last stage, with the optimizer state and the student.
-    checkpoint = storage / "ddp-straight" / "teacher-l-1-end"
-    assert (checkpoint / TRAIN_STATE_FILE).is_file() and (checkpoint / "student" / "config.json").is_file()
-    progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
-    assert progress["completed"] == [stage_id for stage_id, _ in STAGES] and progress["stage_id"] is None
+    checkpoint = storage / "ddp-straight" / checkpoint_name(STAGES[-1][0], None)
+    assert (checkpoint / TRAIN_STATE_FILE).is_file() and (checkpoint / STAGE_STUDENT / "config.json").is_file()
+    progress = TrainerProgress.load(checkpoint)
+    assert progress.completed == [stage_id for stage_id, _ in STAGES] and progress.stage_id is None
 
 
 def assert_same_student(result: StageTrainResult, reference: StageTrainResult, tolerance: float) -> None:
@@ -156,7 +154,7 @@ def test_a_stage_continues_from_the_finished_stage_when_rays_checkpoint_lags(ddp
     uninterrupted run (a fresh optimizer would move the weights by about lr)."""
     config = trainer_config("ddp")
     (first,) = run(config, stage, micro_model_dir, storage, "lag-a", stages=STAGES[:1])
-    assert first.checkpoint == str(storage / "lag-a" / "teacher-l-0-end")
+    assert first.checkpoint == str(storage / "lag-a" / checkpoint_name(STAGES[0][0], None))
     (second,) = run(config, stage, micro_model_dir, storage, "lag-b", stages=STAGES[1:],
                     student_in=first.student_dir, finished=first.student_dir.parent)  # fmt: skip
     assert [m["step"] for m in second.metrics] == [1, 2]
@@ -172,10 +170,10 @@ def test_deepspeed_zero3_matches_ddp(ddp_run, stage, micro_model_dir, storage):
 
 
 def test_failed_generation_stops_the_trainer(ray_session, micro_model_dir, storage):
-    """The driver reports a generation failure through the gate: the workers stop, nothing waits forever."""
-    records_gate = RecordsGate.remote()
-    records_gate.fail.remote("ValueError: judge endpoint unreachable")
-    plan = [TrainingStage("teacher-l/0", 1, str(storage / "out" / "gen-failed" / "teacher-l-0"))]
+    """The driver reports a generation failure through the handoff: the workers stop, nothing waits forever."""
+    handoff = StageHandoff.remote()
+    handoff.fail.remote("ValueError: judge endpoint unreachable")
+    plan = [TrainingStage("teacher-l/0", 1, str(storage / "out" / "gen-failed" / stage_slug("teacher-l/0")))]
     with pytest.raises(Exception, match="judge endpoint unreachable"):
-        train_curriculum(trainer_config("ddp"), plan, records_gate, micro_model_dir, micro_model_dir, "gen-failed", str(storage))
+        train_curriculum(trainer_config("ddp"), plan, handoff, micro_model_dir, micro_model_dir, "gen-failed", str(storage))
     assert StageTrainResult.read(plan[0].out_dir) is None

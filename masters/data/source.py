@@ -11,8 +11,6 @@ The generated suite takes the same path: its split is written to Parquet once, s
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ import pyarrow.parquet as pq
 from masters.config import DataConfig
 from masters.data.export import COLUMNS, ROWS_PER_ROW_GROUP, parquet_table, read_parquet
 from masters.data.suite import SUITE_VERSION, VQASample, make_split, split_ids
-from masters.io import atomic_directory, atomic_write_json
+from masters.io import atomic_directory, atomic_write_json, json_digest
 
 # What a stage row needs of a question; `response` (the reference response) is optional in a dataset.
 QUESTION_COLUMNS = ("id", "family", "question", "answer", "image")
@@ -73,7 +71,7 @@ def split_file(data: DataConfig, split: str, size: int, storage_path: str | Path
     if data.dataset != "suite":
         return dataset_file(data, split)
     identity = {"suite_version": SUITE_VERSION, "seed": data.seed, "families": data.families, "split": split, "size": size}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    key = json_digest(identity)
     directory = Path(storage_path) / "datasets" / f"suite-{key}"
     path = directory / f"{split}.parquet"
     if (directory / "manifest.json").is_file():
