@@ -11,6 +11,7 @@ Threads follow OMP_NUM_THREADS (default: all cores).
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import tempfile
@@ -99,6 +100,8 @@ def load_into(model: torch.nn.Module, level_dir: Path) -> None:
 
 
 def main() -> None:
+    # No options: the one command above; --help prints what it measures.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
     model = build_model()
