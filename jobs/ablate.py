@@ -86,17 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(format_runs(ladder, runs, plans))
         return 0
+    layouts = {key: RunLayout.of(config) for key, config in runs.items()}
+    try:  # a run that exists with another config stops the ladder before anything starts
+        for key, layout in layouts.items():
+            layout.create(dump_config(runs[key]), [stage.to_dict() for stage in plans[key]])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     import ray
     from transformers import AutoProcessor
 
     from cluster.evaluation import evaluate_models
     from jobs.distill import distill
+    from masters.curriculum import STUDENT
     from masters.models import check_shared_tokenizer
     from masters.tracking import read_metrics
     from masters.zoo import resolve_model_paths
     from serve.app import start as start_teacher_service
-    from masters.curriculum import STUDENT
 
     directory.mkdir(parents=True, exist_ok=True)
     configure_console(directory / "ablate.log", args.verbose)
@@ -123,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if file is None:
                 results[rung][seed] = reference["initial student"]
                 continue
-            config, plan = runs[(rung, seed)], plans[(rung, seed)]
-            layout = RunLayout.of(config)
-            layout.create(dump_config(config), [stage.to_dict() for stage in plan])
+            config, plan, layout = runs[(rung, seed)], plans[(rung, seed)], layouts[(rung, seed)]
             if not is_finished(layout, plan):
                 if not service_started:
                     start_teacher_service(service_config, model_paths)

@@ -103,6 +103,20 @@ def test_unknown_rung_and_incomparable_rungs_fail_before_ray(tmp_path, capsys, m
     assert "changes data" in capsys.readouterr().err
 
 
+def test_a_run_kept_with_another_config_stops_the_ladder_before_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("the runner started Ray"))
+    args = ["--rungs", "naive", "--seeds", "0", "--set", f"storage_path={tmp_path}"]
+    ladder = load_ladder(LADDER, [0], ["naive"])
+    layout = RunLayout.of(rung_config(ladder, "naive", 0, args[-1:]))
+    layout.root.mkdir(parents=True)
+    layout.config_file.write_text("name: an earlier run\n")
+    assert ablate.main(args) == 2
+    assert f"run 'naive-seed0' exists in {layout.root} with another config" in capsys.readouterr().err
+    assert layout.config_file.read_text() == "name: an earlier run\n"
+
+
 def test_a_ladder_no_single_service_covers_fails_before_ray(tmp_path, capsys, monkeypatch):
     import ray
 

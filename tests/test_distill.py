@@ -126,6 +126,17 @@ def test_bad_config_file_exits_2_naming_the_problem(driver, no_ray_init, capsys,
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_kept_with_another_config_exits_2_before_ray(driver, no_ray_init, capsys, tmp_path):
+    argv = ["--config", str(ROOT / MICRO), "--set", f"storage_path={tmp_path}"]
+    layout = RunLayout.of(load_config(ROOT / MICRO, argv[-1:]))
+    layout.root.mkdir(parents=True)
+    layout.config_file.write_text("name: an earlier run\n")
+    assert driver.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"run 'micro' exists in {layout.root} with another config" in err and "--set name=<new>" in err
+    assert layout.config_file.read_text() == "name: an earlier run\n"
+
+
 @pytest.mark.parametrize("argv", [[], ["--config", MICRO, "--set", "train.lr=3e-4", "--set", "name=tuned"]])
 def test_print_config_round_trips(driver, no_ray_init, capsys, tmp_path, monkeypatch, argv):
     monkeypatch.chdir(ROOT)
