@@ -146,10 +146,9 @@ def train_stages(
         handoff,
         lambda: run_stages(config, stages, questions, layout.records_root, address, initial_student, on_stage_done=hand_over),
     )
-    training = _Worker(
-        "training",
-        handoff,
-        lambda: train_curriculum(
+
+    def train() -> None:
+        results = train_curriculum(
             config,
             [TrainingStage(s.stage_id, s.optimizer_steps, str(layout.stage_output(s.stage_id))) for s in stages],
             handoff,
@@ -158,8 +157,13 @@ def train_stages(
             run_name=layout.train_run_name,
             storage_path=str(layout.train_storage),
             finished_stage_dir=finished_stage_dir,
-        ),
-    )
+        )
+        # Published stages were announced by the trainer's rank 0; again here, so that a lost
+        # announcement (the worker gone right after it published) cannot leave the driver waiting.
+        for result in results:
+            handoff.trained.remote(result.stage_id)
+
+    training = _Worker("training", handoff, train)
 
     def wait(request):
         try:
@@ -181,6 +185,7 @@ def train_stages(
             wait(handoff.wait_trained.remote(stage.stage_id))
             trained = StageTrainResult.read(layout.stage_output(stage.stage_id))
         yield FinishedStage(stage, read_manifest(records), trained)
-    training.join()
-    if training.error is not None:
-        raise training.error
+    for worker in (generation, training):
+        worker.join()
+        if worker.error is not None:
+            raise worker.error

@@ -246,6 +246,7 @@ def run_stages(
         batch_size=config.rewards.batch_size,
         compute=ActorPoolStrategy(size=config.rewards.actors),
         num_cpus=config.rewards.actor_num_cpus,
+        resources=config.rewards.actor_resources or None,
         fn_constructor_kwargs={
             "address": address,
             "config": config,

@@ -322,7 +322,7 @@ class RewardScorer:
 
     def __init__(self, address: ServiceAddress, config: MastersConfig, judge_endpoint: str | None, judge_model: str | None):
         self.client = address.connect(config)
-        self.top_k = config.generation.teacher_topk
+        self.top_logprobs = config.generation.teacher_topk
         self.items_per_request = config.serve.max_score_items
         self.use_accuracy = config.rewards.use_accuracy
         self.numeric_tolerance = config.rewards.judge.numeric_tolerance
@@ -377,7 +377,7 @@ class RewardScorer:
             row = rows[owners[first]]
             messages = image_messages(row["image_png"], row["question"])
             items = [{"messages": messages, "response_token_ids": ids} for ids in token_ids[first:end]]
-            requests.append(ScoreRequest(model=row["model_id"], items=items, top_logprobs=self.top_k))
+            requests.append(ScoreRequest(model=row["model_id"], items=items, top_logprobs=self.top_logprobs))
         scores = [score for reply in self.client.score_many(requests) for score in reply]
         for sent, score, owner in zip(token_ids, scores, owners, strict=True):
             if not np.array_equal(score.token_ids, sent):

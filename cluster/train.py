@@ -385,7 +385,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     def publish(stage: TrainingStage, checkpoint_dir: Path, metrics: list[dict[str, float]], persisted: Path) -> None:
         _publish_stage(checkpoint_dir, stage, metrics, persisted)
-        handoff.trained.remote(stage.stage_id)
+        ray.get(handoff.trained.remote(stage.stage_id))  # delivered before this worker can be torn down
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -515,7 +515,9 @@ def train_curriculum(
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
+            resources_per_worker={
+                "CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {}), **train.resources_per_worker
+            },
         ),
         run_config=RunConfig(
             name=run_name,

@@ -112,34 +112,37 @@ def main(argv: list[str] | None = None) -> int:
     check_shared_tokenizer({name: AutoProcessor.from_pretrained(path) for name, path in model_paths.items()})
     connect_ray(args.address, args.verbose, directory / "ray_logs")
 
-    # 2. The reference models, evaluated once for the whole ladder.
-    reference_path = directory / "reference_test.json"
-    if not reference_path.exists():
-        logger.info("evaluating the initial student and the teachers on the test split")
-        teachers = {t.name: model_paths[t.name] for t in service_config.models.teachers}
-        reports = evaluate_models(service_config, {"initial student": model_paths[STUDENT], **teachers}, "test", base.data.test_size)
-        atomic_write_json(reference_path, reports)
-    reference = {name: ladder_row(report) for name, report in json.loads(reference_path.read_text()).items()}
+    try:
+        # 2. The reference models, evaluated once for the whole ladder.
+        reference_path = directory / "reference_test.json"
+        if not reference_path.exists():
+            logger.info("evaluating the initial student and the teachers on the test split")
+            teachers = {t.name: model_paths[t.name] for t in service_config.models.teachers}
+            reports = evaluate_models(service_config, {"initial student": model_paths[STUDENT], **teachers}, "test", base.data.test_size)
+            atomic_write_json(reference_path, reports)
+        reference = {name: ladder_row(report) for name, report in json.loads(reference_path.read_text()).items()}
 
-    # 3. The runs, seed by seed; finished runs are read back.
-    results: dict[str, dict[int, dict]] = {rung: {} for rung in ladder.rungs}
-    diagnostics: dict[str, dict[int, dict]] = {rung: {} for rung in ladder.rungs}
-    service_started = False
-    for seed in ladder.seeds:
-        for rung, file in ladder.rungs.items():
-            if file is None:
-                results[rung][seed] = reference["initial student"]
-                continue
-            config, plan, layout = runs[(rung, seed)], plans[(rung, seed)], layouts[(rung, seed)]
-            if not is_finished(layout, plan):
-                if not service_started:
-                    start_teacher_service(service_config, model_paths)
-                    service_started = True
-                logger.info("run %s (%d stages) in %s", config.name, len(plan), layout.root)
-                distill(config, plan, layout, model_paths, reference=reference)
-            results[rung][seed] = ladder_row(json.loads(layout.final_test.read_text())["final student"])
-            diagnostics[rung][seed] = run_diagnostics(read_metrics(layout.metrics_file, "train_step"))
-            write_summary(directory, ladder, results, diagnostics, reference)
+        # 3. The runs, seed by seed; finished runs are read back.
+        results: dict[str, dict[int, dict]] = {rung: {} for rung in ladder.rungs}
+        diagnostics: dict[str, dict[int, dict]] = {rung: {} for rung in ladder.rungs}
+        service_started = False
+        for seed in ladder.seeds:
+            for rung, file in ladder.rungs.items():
+                if file is None:
+                    results[rung][seed] = reference["initial student"]
+                    continue
+                config, plan, layout = runs[(rung, seed)], plans[(rung, seed)], layouts[(rung, seed)]
+                if not is_finished(layout, plan):
+                    if not service_started:
+                        start_teacher_service(service_config, model_paths)
+                        service_started = True
+                    logger.info("run %s (%d stages) in %s", config.name, len(plan), layout.root)
+                    distill(config, plan, layout, model_paths, reference=reference)
+                results[rung][seed] = ladder_row(json.loads(layout.final_test.read_text())["final student"])
+                diagnostics[rung][seed] = run_diagnostics(read_metrics(layout.metrics_file, "train_step"))
+                write_summary(directory, ladder, results, diagnostics, reference)
+    finally:
+        ray.shutdown()
 
     summary = write_summary(directory, ladder, results, diagnostics, reference)
     print()
@@ -147,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_diagnostics(diagnostics))
     print(f"\nladder: {directory} ({(time.perf_counter() - started) / 60:.1f} min)")
-    ray.shutdown()
     return 0
 
 

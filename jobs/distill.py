@@ -50,7 +50,7 @@ logger = logging.getLogger("masters.distill")
 # The run without --config: the method's defaults (masters/config.py) on the tiny zoo, plus the few
 # values a 0.4M-parameter student needs instead of a 2B-8B one's (see the file).
 EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-# A trained stage's console line: the mean over its updates of these `summarize_stage` values.
+# A trained stage's console line: these values of `FinishedStage.summary` (means over its updates).
 STAGE_LINE = (("loss", "loss"), ("R_acc", "mean_accuracy_reward"), ("R_distill", "mean_distill_reward"))
 
 

@@ -278,6 +278,11 @@ class ServeConfig(_Section):
                 f"serve.max_ongoing_requests ({self.max_ongoing_requests}) must be at least serve.max_batch_size "
                 f"({self.max_batch_size}), or a replica's batches never fill"
             )
+        if self.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"serve.target_ongoing_requests ({self.target_ongoing_requests}) must be at most "
+                f"serve.max_ongoing_requests ({self.max_ongoing_requests}), or autoscaling never reaches its target"
+            )
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("serve.min_replicas and serve.max_replicas must be set together to autoscale")
         if self.min_replicas is not None and self.max_replicas < self.min_replicas:
@@ -358,6 +363,24 @@ class MastersConfig(_Section):
             raise ValueError(
                 f"loss.objective {self.loss.objective!r} trains on the dataset answers, scored by the unmasked "
                 "teacher: set mask.max_mask_ratio=0 (or choose loss.objective=mask_progressive|full)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _groups_fit_the_service(self) -> MastersConfig:
+        # One chat request per question and model draws its group's samples, and the teacher's request
+        # also scores the student's responses (score_token_ids): the service must allow both.
+        generation, serve = self.generation, self.serve
+        for field in ("group_teacher", "group_student"):
+            if getattr(generation, field) > serve.max_n:
+                raise ValueError(
+                    f"generation.{field} ({getattr(generation, field)}) is more samples than one request may ask for "
+                    f"(serve.max_n={serve.max_n}); raise serve.max_n"
+                )
+        if generation.group_teacher and generation.group_student > serve.max_score_items:
+            raise ValueError(
+                f"generation.group_student ({generation.group_student}) responses are scored in the teacher's request, "
+                f"more than serve.max_score_items={serve.max_score_items} allows; raise serve.max_score_items"
             )
         return self
 

@@ -176,7 +176,7 @@ def format_plan(plan: list[Stage]) -> str:
 class CurriculumState:
     """Where a run is: the stages finished, in plan order.
 
-    A finished stage is never redone; an unfinished one is redone from its start.
+    A finished stage is never redone; an unfinished one goes on from the trainer's last checkpoint.
     """
 
     plan_digest: str

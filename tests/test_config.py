@@ -30,6 +30,10 @@ def test_defaults_are_the_method_values():
         (["train.num_workers=two"], "train.num_workers: Input should be a valid integer"),
         (["lr"], "must look like `section.field=value`"),
         (["storage_path=s3://bucket/runs"], "storage_path: must be a directory path, not a URI"),
+        (["serve.max_ongoing_requests=8"], "must be at least serve.max_batch_size (16)"),
+        (["serve.target_ongoing_requests=64"], "must be at most serve.max_ongoing_requests (32)"),
+        (["generation.group_teacher=20"], "generation.group_teacher (20) is more samples than one request may ask for"),
+        (["serve.max_score_items=2"], "responses are scored in the teacher's request, more than serve.max_score_items=2"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(overrides, expected):

@@ -8,7 +8,7 @@ A *rationale* is what the image shows that the question needs ("red circle top l
 middle" before "how many red circles?" is answered). The suite's reference response is the rationale and
 then `answer: <answer>` (`reference_response`): responses then differ by what they claim to see, so a
 teacher's divergence from them depends on their content, and the judge scores the final answer
-(`masters.rewards.final_answer`).
+(`masters.judging.final_answer`).
 """
 
 from __future__ import annotations
