@@ -339,12 +339,13 @@ class RewardScorer:
         ends = np.cumsum(lengths)
         texts = pc.struct_field(responses, "text").to_pylist()
         texts_by_group = [texts[end - length : end] for end, length in zip(ends, lengths)]
-        rows = batch.select(["question_id", "image_png", "question", "answer", "model_id"]).to_pylist()
+        rows = batch.select(["question_id", "question", "answer", "model_id"]).to_pylist()  # images: only to score
         # The LLM judge works in the background while the teacher scores the same responses.
         accuracy = self._background.submit(self._accuracy, rows, texts_by_group) if self.judge else None
         unscored = np.flatnonzero(pc.is_null(pc.struct_field(responses, "teacher_topk_ids")).to_numpy(zero_copy_only=False))
+        owners = np.searchsorted(ends, unscored, side="right")  # the group of each unscored response
         unscored_tokens = pc.struct_field(responses, "token_ids").take(unscored).to_pylist()
-        scores = self._teacher_scores(rows, np.searchsorted(ends, unscored, side="right"), unscored_tokens)
+        scores = self._teacher_scores(rows, batch.column("image_png"), owners, unscored_tokens)
         accuracy = accuracy.result() if accuracy else self._accuracy(rows, texts_by_group)
 
         fields = {name: pc.struct_field(responses, name) for name in RESPONSE_TYPE.names}
@@ -360,11 +361,11 @@ class RewardScorer:
         column = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], ends]).astype(np.int32)), scored)
         question_fields = [batch.column(name).cast(STAGE_SCHEMA.field(name).type) for name in STAGE_SCHEMA.names[:-1]]
         _, calls, retries, failures = zip(*accuracy) if accuracy else ((), (), (), ())
-        forwards = np.bincount(np.searchsorted(ends, unscored, side="right"), minlength=batch.num_rows)
+        forwards = np.bincount(owners, minlength=batch.num_rows)
         bookkeeping = [pa.array(calls, pa.int32()), pa.array(retries, pa.int32()), pa.array(failures, pa.string()), pa.array(forwards, pa.int32())]
         return pa.Table.from_arrays([*question_fields, column, *bookkeeping], schema=SCORED_SCHEMA)
 
-    def _teacher_scores(self, rows: list[dict], owners: np.ndarray, token_ids: list[list[int]]) -> list[TokenScores]:
+    def _teacher_scores(self, rows: list[dict], images: pa.ChunkedArray, owners: np.ndarray, token_ids: list[list[int]]) -> list[TokenScores]:
         """The teacher's scores of the responses `token_ids`, each of the group `owners[i]`, in order;
         one request per group and at most serve.max_score_items items."""
         requests, spans = [], []
@@ -375,7 +376,7 @@ class RewardScorer:
                 spans.append((start, start + 1))
         for first, end in spans:
             row = rows[owners[first]]
-            messages = image_messages(row["image_png"], row["question"])
+            messages = image_messages(images[int(owners[first])].as_py(), row["question"])
             items = [{"messages": messages, "response_token_ids": ids} for ids in token_ids[first:end]]
             requests.append(ScoreRequest(model=row["model_id"], items=items, top_logprobs=self.top_logprobs))
         scores = [score for reply in self.client.score_many(requests) for score in reply]
